@@ -243,7 +243,8 @@ class OuroborosConfig:
 
 class Ouroboros(nn.Module):
     """embed -> prelude -> [controller -> modulated recurrent layer -> step norm -> gate] x depth
-    -> coda -> norm -> lm_head. Only the controller (or static table), gate and step norms train."""
+    -> coda -> norm -> lm_head. Only the controller (or static table), gate and step norms train.
+    They are fp32 whatever the base dtype; with a bf16 base, run under torch.autocast."""
 
     def __init__(self, base: Transformer, oc: OuroborosConfig, bases: dict | None = None):
         super().__init__()
