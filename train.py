@@ -1,0 +1,469 @@
+"""Train Ouroboros: the controller, gate and step norms on top of a frozen, pruned decoder.
+
+    python train.py                      # offline default: SmolLM2-135M + Python docs, CPU-sized
+    python train.py --model DIR --prelude 8 --recurrent 18 --coda 8 --depths 4,8,16 ...
+    python train.py --model DIR --dry-run --prelude 8 --recurrent 18 --coda 8
+    torchrun --nproc_per_node 2 train.py ...   # DistributedDataParallel
+
+Everything base-model is frozen. Fixes over the authors' code: labels are shifted exactly once
+(the loss does not shift again), the controller pools causally by default, trainable weights are
+fp32 masters under bf16 autocast, warmup and cosine decay count optimiser steps, and a held-out
+split (by document) is never trained on.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from load_qwen import default_model, load_config, load_ouroboros, load_tokenizer
+from model import Ouroboros, OuroborosConfig, Transformer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(ROOT, "cache")
+PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.rst.txt"
+
+
+# ----------------------------------------------------------------------------------------------
+# data: documents -> held-out split by document -> token ids on disk -> windows of seq_len + 1
+
+def find_files(sources):
+    """Files from paths, folders and globs (.txt .md .rst .jsonl); default: the Python docs."""
+    if not sources:
+        files = sorted(glob.glob(PYTHON_DOCS, recursive=True))
+        if files:
+            return files
+        stdlib = sysconfig.get_paths()["stdlib"]
+        print(f"Python docs not found at {PYTHON_DOCS} (apt-get install python3.11-doc); "
+              f"using the standard library's sources in {stdlib} instead")
+        return sorted(f for f in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)
+                      if "site-packages" not in f)
+    files = []
+    for src in sources:
+        if os.path.isdir(src):
+            found = [f for f in glob.glob(os.path.join(src, "**", "*"), recursive=True)
+                     if f.endswith((".txt", ".md", ".rst", ".jsonl"))]
+        else:
+            found = glob.glob(src, recursive=True)
+        if not found:
+            raise FileNotFoundError(f"--data {src!r} matches no files")
+        files += sorted(found)
+    return files
+
+
+def read_documents(files):
+    """[(name, text)]: a text file is one document, a .jsonl line with a "text" field is one."""
+    docs = []
+    for f in files:
+        if f.endswith(".jsonl"):
+            with open(f, encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if line.strip():
+                        try:
+                            docs.append((f"{f}:{i + 1}", json.loads(line)["text"]))
+                        except (json.JSONDecodeError, KeyError, TypeError) as e:
+                            raise ValueError(f"{f} line {i + 1}: needs a JSON object with a \"text\" "
+                                             f"field ({e!r})") from e
+        else:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                docs.append((f, fh.read()))
+    return [(n, t) for n, t in docs if t.strip()]
+
+
+def is_held_out(name: str, fraction: float) -> bool:
+    """A document's side depends on its name alone: deterministic, and stable as the corpus grows."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) < fraction * 2**32
+
+
+def tokenize(docs, tokenizer, eos: int) -> np.ndarray:
+    """One stream of token ids, EOS after every document."""
+    ids = []
+    for enc in tokenizer.encode_batch([t for _, t in docs], add_special_tokens=False):
+        ids += enc.ids + [eos]
+    return np.array(ids, dtype=np.uint32)
+
+
+def eos_id(model_dir) -> int:
+    eos = load_config(model_dir).eos_token_id
+    if eos is None:
+        raise ValueError(f"{model_dir}/config.json has no eos_token_id to separate documents with")
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def load_splits(sources, model_dir, held_out: float, tokenizer, eos: int):
+    """(train, held_out) token streams, cached on disk under a key of the files, tokenizer and split."""
+    files = find_files(sources)
+    key = hashlib.sha1(json.dumps([[f, os.path.getsize(f), os.path.getmtime(f)] for f in files] + [
+        held_out, eos, os.path.getsize(os.path.join(model_dir, "tokenizer.json"))]).encode()).hexdigest()[:16]
+    folder = os.path.join(CACHE, "tokens", key)
+    paths = [os.path.join(folder, f"{side}.npy") for side in ("train", "held_out")]
+    if not all(os.path.isfile(p) for p in paths):
+        docs = read_documents(files)
+        sides = [[d for d in docs if not is_held_out(d[0], held_out)], [d for d in docs if is_held_out(d[0], held_out)]]
+        if not sides[0] or not sides[1]:
+            raise ValueError(f"{len(docs)} documents cannot be split into train and held-out at {held_out:.0%}; "
+                             "give more documents or change --held-out")
+        os.makedirs(folder, exist_ok=True)
+        for p, side in zip(paths, sides):
+            tmp = p + f".tmp{os.getpid()}.npy"
+            np.save(tmp, tokenize(side, tokenizer, eos))
+            os.replace(tmp, p)  # atomic: a killed run never leaves a half-written cache
+        print(f"tokenised {len(docs)} documents ({len(sides[1])} held out) into {folder}")
+    return [np.load(p, mmap_mode="r") for p in paths]
+
+
+class Windows:
+    """Windows of seq_len + 1 tokens at stride seq_len: inputs = w[:-1], labels = w[1:]. The labels
+    are already the next tokens, so the loss must not shift them again (the authors' code did)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+        if self.n < 1:
+            raise ValueError(f"{len(tokens)} tokens do not fill one window of {seq_len + 1}; use a shorter --seq-len")
+
+    def batch(self, indices, device="cpu"):
+        w = torch.from_numpy(np.stack([self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
+                                       for i in indices]).astype(np.int64))
+        return w[:, :-1].to(device), w[:, 1:].to(device)
+
+    def order(self, seed: int, epoch: int):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+    def spread(self, count: int):
+        """`count` fixed windows spread over the whole stream: the evaluation set."""
+        return np.linspace(0, self.n - 1, min(count, self.n)).astype(int).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class TrainConfig:
+    model: str = ""                 # HF-format folder; "" = the offline SmolLM2-135M default
+    data: tuple = ()                # files, folders, globs; () = the Python docs
+    out: str = ""                   # run folder; "" = runs/<variant>-<pool>-s<seed>
+    prelude: int = 8
+    recurrent: int = 15
+    coda: int = 8
+    rank: int = 32
+    alpha: float = 16.0
+    variant: str = "controller"
+    gate: bool = True
+    pool: str = "causal"
+    depths: str = "4,8"             # drawn uniformly per batch (paper: 4,8,16; 16 is too slow on a CPU)
+    seq_len: int = 256
+    batch_size: int = 8             # sequences per micro-batch (per process)
+    grad_accum: int = 1
+    steps: int = 80                 # optimiser steps (CPU default: ~13 min on 2 cores)
+    lr: float = 3e-3                # paper: 3e-4 over 300K steps; 10x for a run 4000x shorter
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    weight_decay: float = 0.01
+    beta2: float = 0.95
+    clip: float = 1.0
+    held_out: float = 0.05          # fraction of documents held out
+    eval_interval: int = 20
+    eval_windows: int = 16
+    log_interval: int = 5
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    checkpoint_steps: bool = False  # activation checkpointing per recurrent step
+    final_eval: bool = True
+
+
+def parse_args(argv=None):
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=d.model, help="HF-format Qwen2/Llama folder (default: SmolLM2-135M, offline)")
+    p.add_argument("--data", nargs="*", default=[], help="text files, folders, globs, .jsonl (default: Python docs)")
+    p.add_argument("--out", default=d.out)
+    for name in ("prelude", "recurrent", "coda", "rank", "seq_len", "batch_size", "grad_accum", "steps",
+                 "warmup", "eval_interval", "eval_windows", "log_interval", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("alpha", "lr", "min_lr_ratio", "weight_decay", "beta2", "clip", "held_out"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--variant", choices=["controller", "static", "none"], default=d.variant)
+    p.add_argument("--no-gate", dest="gate", action="store_false")
+    p.add_argument("--pool", choices=["causal", "mean"], default=d.pool)
+    p.add_argument("--depths", default=d.depths, help="comma-separated recurrent depths, one drawn per batch")
+    p.add_argument("--device", default=d.device, help="auto (cuda, mps, cpu) or a torch device")
+    p.add_argument("--compile", action="store_true", help="torch.compile the recurrent step")
+    p.add_argument("--checkpoint-steps", action="store_true", help="recompute each recurrent step in backward")
+    p.add_argument("--no-final-eval", dest="final_eval", action="store_false")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="build on the meta device, print parameters, exit")
+    a = p.parse_args(argv)
+    cfg = TrainConfig(**{k: (tuple(v) if k == "data" else v) for k, v in vars(a).items()
+                         if k in TrainConfig.__dataclass_fields__})
+    return cfg, a.resume, a.dry_run
+
+
+def depth_list(cfg: TrainConfig):
+    try:
+        depths = [int(x) for x in cfg.depths.split(",")]
+    except ValueError:
+        raise SystemExit(f"--depths {cfg.depths!r}: give comma-separated integers, e.g. 4,8,16")
+    if not all(1 <= x <= 64 for x in depths):
+        raise SystemExit(f"--depths {cfg.depths!r}: each depth must be in 1..64")
+    return depths
+
+
+def ouroboros_config(cfg: TrainConfig) -> OuroborosConfig:
+    return OuroborosConfig(cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha, cfg.variant, cfg.gate, cfg.pool)
+
+
+# ----------------------------------------------------------------------------------------------
+# --dry-run: the parameter table from config.json alone
+
+def parameter_table(model: Ouroboros, base_dtype=torch.bfloat16) -> str:
+    rows = {}
+    kind = {i: "prelude" for i in model.prelude_ids} | {i: "coda" for i in model.coda_ids}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "base" and parts[1] == "layers":
+            group = kind.get(int(parts[2]), "recurrent layer")
+            group = "SVD bases A, B" if parts[-1] in ("A", "B") else group
+        elif parts[0] == "base":
+            group = {"embed_tokens": "embedding (tied lm_head)" if model.base.config.tie_word_embeddings
+                     else "embedding", "norm": "final norm", "lm_head": "lm_head"}[parts[1]]
+        else:
+            group = {"diagonals": model.config.variant, "gate": "gate", "step_norm": "step norms"}[parts[0]]
+        frozen, trainable = rows.get(group, (0, 0))
+        rows[group] = (frozen + p.numel() * (not p.requires_grad), trainable + p.numel() * p.requires_grad)
+    lines = [f"{'module':<26}{'frozen':>15}{'trainable':>15}"]
+    lines += [f"{g:<26}{f:>15,}{t:>15,}" for g, (f, t) in rows.items()]
+    frozen, trainable = (sum(r[i] for r in rows.values()) for i in (0, 1))
+    lines.append(f"{'total':<26}{frozen:>15,}{trainable:>15,}")
+    size = torch.finfo(base_dtype).bits // 8
+    lines.append(f"weights: {frozen * size / 2**30:.2f} GiB frozen ({base_dtype}) + "
+                 f"{trainable * 4 / 2**20:.1f} MiB trainable fp32 (+ {trainable * 12 / 2**20:.1f} MiB grads and AdamW moments)")
+    return "\n".join(lines)
+
+
+def dry_run(cfg: TrainConfig, model_dir: str):
+    config = load_config(model_dir)
+    oc = ouroboros_config(cfg)
+    pre, r, post, removed = oc.split(config.num_hidden_layers)
+    with torch.device("meta"):
+        base = Transformer(config, pre + [r] + post)
+        a = base.layers[str(r)].self_attn
+        m = base.layers[str(r)].mlp
+        projections = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
+                       "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+        bases = {t: (torch.empty(oc.rank, lin.in_features), torch.empty(lin.out_features, oc.rank))
+                 for t, lin in projections.items()}
+        model = Ouroboros(base, oc, bases if oc.variant != "none" else None)
+    print(f"{model_dir}: {config.num_hidden_layers} layers, d={config.hidden_size}; prelude {pre[0] if pre else '-'}"
+          f"..{pre[-1] if pre else '-'}, recurrent {r}, coda {post[0] if post else '-'}..{post[-1] if post else '-'}, "
+          f"{len(removed)} removed")
+    print(parameter_table(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: trainable tensors and AdamW moments in one safetensors file, replaced atomically
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path, model, opt, step, cfg):
+    tensors = {f"model.{n}": p.detach().cpu() for n, p in trainable(model).items()}
+    for n, p in trainable(model).items():
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"optim.{n}.{k}"] = v.detach().cpu().reshape(v.shape)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"step": str(step), "config": json.dumps(asdict(cfg))})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, opt=None):
+    """Restore trainable tensors (and AdamW state); returns the step it was saved at."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            step = int(f.metadata()["step"])
+        tensors = load_file(path)
+    except Exception as e:
+        raise SystemExit(f"cannot read checkpoint {path}: {e}; it is corrupt, or not one of ours") from e
+    params = trainable(model)
+    names = {k[len("model."):] for k in tensors if k.startswith("model.")}
+    if names != set(params):
+        raise SystemExit(f"{path} holds {sorted(names ^ set(params))[:4]}... that do not fit this model: "
+                         "train with the same --variant / --no-gate / --rank as the run that saved it")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"model.{n}"])
+    if opt is not None:
+        for n, p in params.items():
+            state = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+            if state:
+                opt.state[p] = state
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr; counted in optimiser steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW on fp32 masters; weight decay on matrices only (not norms, biases, or the step table)."""
+    params = trainable(model)
+    decay = [p for n, p in params.items() if p.dim() >= 2 and "step_norm" not in n]
+    rest = [p for n, p in params.items() if not (p.dim() >= 2 and "step_norm" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+@torch.no_grad()
+def held_out_loss(model, windows: Windows, depth: int, cfg: TrainConfig, device, autocast):
+    model.eval()
+    losses = []
+    for i in range(0, len(idx := windows.spread(cfg.eval_windows)), cfg.batch_size):
+        x, y = windows.batch(idx[i:i + cfg.batch_size], device)
+        with autocast:
+            losses.append(model(x, depth=depth, labels=y).float() * len(x))
+    model.train()
+    return (torch.stack(losses).sum() / len(idx)).item()
+
+
+def train(cfg: TrainConfig, resume: bool = False):
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    depths = depth_list(cfg)
+    cfg.model = cfg.model or default_model(CACHE)
+    cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-{cfg.pool}{'' if cfg.gate else '-nogate'}-s{cfg.seed}")
+    ckpt_path = os.path.join(cfg.out, "checkpoint.safetensors")
+    if os.path.exists(ckpt_path) and not resume:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or --out for a new one")
+
+    # bf16 base + autocast on GPUs (trainable tensors stay fp32 masters); plain fp32 on the CPU.
+    half = device.type in ("cuda", "mps")
+    dtype = torch.bfloat16 if half else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
+    torch.manual_seed(cfg.seed)
+    model = load_ouroboros(cfg.model, cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha,
+                           cfg.variant, cfg.gate, cfg.pool, dtype=dtype, device=device)
+    model.checkpoint_steps = cfg.checkpoint_steps
+    if cfg.compile:
+        model.step = torch.compile(model.step, dynamic=False)
+    train_tokens, held_tokens = load_splits(list(cfg.data), cfg.model, cfg.held_out, load_tokenizer(cfg.model), eos_id(cfg.model))
+    train_w, held_w = Windows(train_tokens, cfg.seq_len), Windows(held_tokens, cfg.seq_len)
+    log(f"device {device}, model {cfg.model}, {train_w.n:,} training windows / {held_w.n:,} held-out "
+        f"of {cfg.seq_len} tokens; {sum(p.numel() for p in trainable(model).values()):,} trainable parameters")
+
+    opt = make_optimizer(model, cfg)
+    start = 0
+    if resume:
+        start = load_checkpoint(ckpt_path, model, opt)
+        log(f"resumed {ckpt_path} at step {start}")
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+        os.replace(os.path.join(cfg.out, "config.json.tmp"), os.path.join(cfg.out, "config.json"))
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+
+    per_step = cfg.batch_size * cfg.grad_accum * world  # sequences per optimiser step, all processes
+    eval_depth = max(depths)
+    model.train()
+    t0, tokens_seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            # The data order and the depth are functions of (seed, step, micro): resuming is exact.
+            first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
+            epoch, offset = divmod(first, train_w.n)
+            order = train_w.order(cfg.seed, epoch)
+            idx = [order[(offset + j) % train_w.n] for j in range(cfg.batch_size)]
+            x, y = train_w.batch(idx, device)
+            depth = depths[torch.randint(len(depths), (), generator=torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + step * 1009 + micro)).item()]
+            sync = not ddp or micro == cfg.grad_accum - 1
+            with autocast, (nullcontext() if sync else net.no_sync()):  # all-reduce once per step
+                loss = net(x, depth=depth, labels=y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()  # no .item() here: no host-device sync in the hot loop
+        torch.nn.utils.clip_grad_norm_(trainable(model).values(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_seen += per_step * cfg.seq_len
+        done = step + 1
+        line = None
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            if ddp:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            elapsed = time.time() - t0
+            speed = tokens_seen / elapsed
+            eta = (cfg.steps - done) * per_step * cfg.seq_len / speed
+            line = (f"step {done:5d}/{cfg.steps}  loss {loss_sum.item() / (cfg.log_interval * cfg.grad_accum):.4f}  "
+                    f"lr {lr:.2e}  {speed:,.0f} tok/s  eta {eta / 60:.1f} min")
+            loss_sum.zero_()
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            held = held_out_loss(model, held_w, eval_depth, cfg, device, autocast)
+            line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {eval_depth})"
+            if master:
+                save_checkpoint(ckpt_path, model, opt, done, cfg)
+        if line:
+            log(line, flush=True)
+    if ddp:
+        dist.destroy_process_group()
+    log(f"trained {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
+    return model, device
+
+
+def main(argv=None):
+    cfg, resume, dry = parse_args(argv)
+    if dry:
+        dry_run(cfg, cfg.model or default_model(CACHE))
+        return
+    model, device = train(cfg, resume)
+    if cfg.final_eval and "RANK" not in os.environ:
+        import eval as evaluation
+        evaluation.main(["--run", cfg.out], model=model)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
