@@ -252,7 +252,7 @@ class Ouroboros(nn.Module):
         self.config = oc
         self.prelude_ids, r, self.coda_ids, self.removed_ids = oc.split(cfg.num_hidden_layers)
         self.base = base.requires_grad_(False)
-        self.recurrent = base.layers[str(r)]
+        self.recurrent_id, self.recurrent = r, base.layers[str(r)]
         device = base.embed_tokens.weight.device
         if oc.variant != "none":
             if bases is None:

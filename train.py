@@ -101,12 +101,12 @@ def eos_id(model_dir) -> int:
     return eos[0] if isinstance(eos, list) else eos
 
 
-def load_splits(sources, model_dir, held_out: float, tokenizer, eos: int):
+def load_splits(sources, model_dir, held_out: float, tokenizer, eos: int, cache=None):
     """(train, held_out) token streams, cached on disk under a key of the files, tokenizer and split."""
     files = find_files(sources)
     key = hashlib.sha1(json.dumps([[f, os.path.getsize(f), os.path.getmtime(f)] for f in files] + [
         held_out, eos, os.path.getsize(os.path.join(model_dir, "tokenizer.json"))]).encode()).hexdigest()[:16]
-    folder = os.path.join(CACHE, "tokens", key)
+    folder = os.path.join(cache or CACHE, "tokens", key)
     paths = [os.path.join(folder, f"{side}.npy") for side in ("train", "held_out")]
     if not all(os.path.isfile(p) for p in paths):
         docs = read_documents(files)

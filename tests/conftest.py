@@ -38,3 +38,55 @@ def tiny_qwen(tmp_path):
     path = str(tmp_path / "qwen")
     make_checkpoint(path, layers=6)
     return path
+
+
+def byte_tokens():
+    """GPT-2's byte -> printable character table: the 256 base tokens of a byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n"]
+
+
+def tokenizer_vocab():
+    """Special tokens first (ids 0-2, eos = 2 as in SmolLM2), then bytes, then merged tokens."""
+    return SPECIAL + byte_tokens() + ["Ġt", "he", "Ġthe", "Ġa", "in"]
+
+
+def make_model_folder(path, layers=5, seed=0):
+    """A tiny Llama folder with a real byte-level BPE tokenizer.json, ready for train.py."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    vocab = tokenizer_vocab()
+    make_checkpoint(path, arch="llama", layers=layers, vocab=len(vocab), tied=True, seed=seed,
+                    eos_token_id=2, bos_token_id=1)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in MERGES]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return path
+
+
+WORDS = "the cat sat on a mat and then the dog ran in the park while birds sang".split()
+
+
+def make_corpus(path, n_docs=30, seed=0):
+    """Text documents, each with a unique marker so tests can tell which side a document fell on."""
+    import random
+    rng = random.Random(seed)
+    os.makedirs(path, exist_ok=True)
+    for i in range(n_docs):
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 120)))
+        with open(os.path.join(path, f"doc{i:03d}.txt"), "w") as f:
+            f.write(f"DOC{i:03d}X {body}\n")
+    return path

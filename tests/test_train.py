@@ -1,0 +1,204 @@
+"""Data pipeline, training loop, resume, DDP and evaluation, on a tiny model and corpus."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import eval as evaluation
+import train
+from conftest import make_corpus, make_model_folder
+from load_qwen import load_model, load_ouroboros, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    model = make_model_folder(str(tmp / "model"))
+    corpus = make_corpus(str(tmp / "corpus"))
+    return model, corpus, str(tmp / "cache")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(setup, monkeypatch):
+    monkeypatch.setattr(train, "CACHE", setup[2])
+
+
+def args(setup, out, *extra):
+    model, corpus, _ = setup
+    return ["--model", model, "--data", corpus, "--out", out, "--prelude", "1", "--recurrent", "2", "--coda", "1",
+            "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--warmup", "1", "--eval-interval", "2",
+            "--eval-windows", "4", "--log-interval", "1", "--depths", "1,2,3", "--no-final-eval", "--rank", "8",
+            *extra]
+
+
+def test_windows_give_next_token_labels():
+    w = train.Windows(np.arange(100, dtype=np.uint32), seq_len=10)
+    assert w.n == 9
+    x, y = w.batch([0, 3])
+    assert torch.equal(x[0], torch.arange(10)) and torch.equal(y[0], torch.arange(1, 11))
+    assert torch.equal(x[1], torch.arange(30, 40)) and torch.equal(y[1], torch.arange(31, 41))
+    assert sorted(w.order(0, 0)) == list(range(9)) and w.order(0, 0) == w.order(0, 0) != w.order(0, 1)
+
+
+def test_loss_is_shifted_exactly_once(setup):
+    """The training loss must be the loss of predicting token t+1. The authors' code shifted the
+    already-shifted labels again and trained on t+2; this test fails for that mistake."""
+    model = load_ouroboros(setup[0], 1, 2, 1, rank=8)
+    tokens = np.random.default_rng(0).integers(0, 264, 200).astype(np.uint32)
+    x, y = train.Windows(tokens, 32).batch([0, 1])
+    with torch.no_grad():
+        loss = model(x, depth=2, labels=y)  # what the training loop computes
+        logits = model(x, depth=2)
+    window = torch.from_numpy(tokens[:66].astype(np.int64))
+    once = F.cross_entropy(logits[0], window[1:33])
+    once = (once + F.cross_entropy(logits[1], window[33:65])) / 2
+    twice = F.cross_entropy(logits[0, :-1], window[2:33])
+    assert abs(loss.item() - once.item()) < 1e-5
+    assert abs(loss.item() - twice.item()) > 1e-2
+
+
+def test_held_out_split_is_by_document_and_disjoint(setup):
+    model, corpus, cache = setup
+    tok = load_tokenizer(model)
+    tr, ho = train.load_splits([corpus], model, 0.2, tok, 2, cache)
+    text = [tok.decode(s.astype(np.int64).tolist()) for s in (tr, ho)]
+    markers = [{w[:6] for w in t.split() if w.startswith("DOC")} for t in text]
+    assert markers[0] and markers[1]
+    assert not markers[0] & markers[1]                 # no document on both sides
+    assert markers[0] | markers[1] == {f"DOC{i:03d}" for i in range(30)}  # and none lost
+    assert (tr == 2).sum() == len(markers[0])          # one EOS after every document
+    again = train.load_splits([corpus], model, 0.2, tok, 2, cache)  # cached, same split
+    assert np.array_equal(again[1], ho)
+    expected = {f"DOC{i:03d}" for i in range(30) if train.is_held_out(os.path.join(corpus, f"doc{i:03d}.txt"), 0.2)}
+    assert markers[1] == expected
+
+
+def test_jsonl_documents_and_bad_sources(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert train.read_documents([str(f)]) == [(f"{f}:1", "one"), (f"{f}:3", "two")]
+    f.write_text('{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match="line 1: needs a JSON object with a \"text\" field"):
+        train.read_documents([str(f)])
+    with pytest.raises(FileNotFoundError, match="matches no files"):
+        train.find_files([str(tmp_path / "nothing*.txt")])
+
+
+def test_lr_schedule_warms_up_then_decays_per_optimiser_step():
+    cfg = train.TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    lrs = [train.lr_at(s, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55, abs=0.01) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_training_lowers_the_loss_and_resume_is_exact(setup, tmp_path, monkeypatch, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(args(setup, a, "--steps", "6", "--lr", "1e-2"))
+    log_a = capsys.readouterr().out
+    losses = [float(line.split("loss ")[1].split()[0]) for line in log_a.splitlines() if line.startswith("step")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+    real = train.save_checkpoint
+
+    def killed_after_step_2(path, model, opt, step, cfg):
+        real(path, model, opt, step, cfg)
+        if step == 2:
+            raise KeyboardInterrupt  # as if the run were killed right after its checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(setup, b, "--steps", "6", "--lr", "1e-2"))
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    with pytest.raises(SystemExit, match="pass --resume"):
+        train.main(args(setup, b, "--steps", "6", "--lr", "1e-2"))
+    capsys.readouterr()
+    train.main(args(setup, b, "--steps", "6", "--lr", "1e-2", "--resume"))
+    log_b = capsys.readouterr().out
+    assert "resumed" in log_b
+    last = lambda log: [l.split("lr")[0] for l in log.splitlines() if l.startswith("step     6")]
+    assert last(log_a) == last(log_b)  # same losses after resuming
+    ta, tb = (load_file(os.path.join(d, "checkpoint.safetensors")) for d in (a, b))
+    assert ta.keys() == tb.keys() and any(k.startswith("optim.") for k in ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_checkpoint_from_another_variant_is_refused(setup, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(args(setup, out, "--steps", "2"))
+    model = load_ouroboros(setup[0], 1, 2, 1, rank=8, variant="static")
+    with pytest.raises(SystemExit, match="same --variant"):
+        train.load_checkpoint(os.path.join(out, "checkpoint.safetensors"), model)
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    open(ckpt, "wb").write(b"broken")
+    with pytest.raises(SystemExit, match="corrupt"):
+        train.load_checkpoint(ckpt, model)
+
+
+def test_ddp_on_two_processes_matches_one_process(setup, tmp_path):
+    """torchrun, gloo, 2 x batch 2 must train the same as 1 x batch 4 (same windows, averaged grads)."""
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    train.main(args(setup, single, "--batch-size", "4", "--steps", "3"))
+    script = tmp_path / "run_ddp.py"  # train.main with the test's private token cache
+    script.write_text("import sys, train\ntrain.CACHE = sys.argv[1]\ntrain.main(sys.argv[2:])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(script), setup[2], *args(setup, ddp, "--batch-size", "2", "--steps", "3")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (load_file(os.path.join(d, "checkpoint.safetensors")) for d in (single, ddp))
+    init = dict(load_ouroboros(setup[0], 1, 2, 1, rank=8).named_parameters())
+    for k in a:
+        if k.startswith("model."):
+            assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert not torch.equal(a["model.gate.proj.weight"], init["gate.proj.weight"])  # it did train
+
+
+def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
+    runs = []
+    for seed in (0, 1):
+        out = str(tmp_path / f"run{seed}")
+        train.main(args(setup, out, "--steps", "2", "--seed", str(seed)))
+        runs.append(out)
+    capsys.readouterr()
+    evaluation.main(["--run", *runs, "--depths", "1,2", "--windows", "4", "--out", str(tmp_path / "res"), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    ref = result["reference"]["held_out"]
+    model, corpus, cache = setup  # the reference row, recomputed independently on the same windows
+    held = train.Windows(train.load_splits([corpus], model, 0.05, load_tokenizer(model), 2, cache)[1], 32)
+    x, y = held.batch(held.spread(4))
+    with torch.no_grad():
+        assert abs(load_model(model)(x, labels=y).item() - ref["full"]) < 1e-5
+    assert ref["full"] != ref["pruned"]
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    table = open(tmp_path / "res" / "results.md").read()
+    assert "| controller (causal) | 2 | 2 |" in table and "held-out documents" in table
+    assert (tmp_path / "res" / "results.png").stat().st_size > 1000
+    x = result["runs"][0]["held_out"]["2"]
+    row = [l for l in table.split("held-out documents")[1].splitlines() if l.startswith("| controller (causal) | 2 |")][0]
+    mean = (result["runs"][0]["held_out"]["2"] + result["runs"][1]["held_out"]["2"]) / 2
+    assert f"{100 * (ref['pruned'] - mean) / (ref['pruned'] - ref['full']):.1f}%" in row
+    assert x > 0
+
+
+def test_dry_run_qwen25_3b_counts(tmp_path, capsys):
+    """The paper's 3B configuration: 9,214,592 trainable parameters (its 9.2M less two unused vectors)."""
+    cfg = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+           "rope_theta": 1000000.0, "tie_word_embeddings": True, "max_position_embeddings": 32768,
+           "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 70, "hidden_act": "silu"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    train.main(["--model", str(tmp_path), "--dry-run", "--prelude", "8", "--recurrent", "18", "--coda", "8", "--rank", "32"])
+    out = capsys.readouterr().out
+    total = [l for l in out.splitlines() if l.startswith("total")][0]
+    assert total.split()[-1] == "9,214,592"
+    assert "19 removed" in out and "1,662,976" in out  # the SVD bases: 7 targets x r x (in + out)
