@@ -104,7 +104,7 @@ def test_training_lowers_the_loss_and_resume_is_exact(setup, tmp_path, monkeypat
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train.main(args(setup, a, "--steps", "6", "--lr", "1e-2"))
     log_a = capsys.readouterr().out
-    losses = [float(line.split("loss ")[1].split()[0]) for line in log_a.splitlines() if line.startswith("step")]
+    losses = logged_losses(log_a)
     assert len(losses) == 6 and losses[-1] < losses[0]
 
     real = train.save_checkpoint
@@ -144,23 +144,32 @@ def test_checkpoint_from_another_variant_is_refused(setup, tmp_path):
         train.load_checkpoint(ckpt, model)
 
 
-def test_ddp_on_two_processes_matches_one_process(setup, tmp_path):
-    """torchrun, gloo, 2 x batch 2 must train the same as 1 x batch 4 (same windows, averaged grads)."""
+def logged_losses(text):
+    return [float(l.split("loss ")[1].split()[0]) for l in text.splitlines() if l.startswith("step")]
+
+
+def test_ddp_on_two_processes_matches_one_process(setup, tmp_path, capsys):
+    """torchrun, gloo, 2 x batch 2 must train as 1 x batch 4 (same windows, gradients averaged).
+    Compared through the losses and each tensor's relative change, not element-wise: AdamW turns
+    summation-order noise in near-zero gradients into lr-sized steps on those few elements."""
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
-    train.main(args(setup, single, "--batch-size", "4", "--steps", "3"))
+    train.main(args(setup, single, "--batch-size", "4", "--steps", "4", "--lr", "1e-2"))
+    want = logged_losses(capsys.readouterr().out)
     script = tmp_path / "run_ddp.py"  # train.main with the test's private token cache
     script.write_text("import sys, train\ntrain.CACHE = sys.argv[1]\ntrain.main(sys.argv[2:])\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(script), setup[2], *args(setup, ddp, "--batch-size", "2", "--steps", "3")]
+           str(script), setup[2], *args(setup, ddp, "--batch-size", "2", "--steps", "4", "--lr", "1e-2")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    got = logged_losses(done.stdout)
+    assert len(got) == len(want) == 4 and want[-1] < want[0]
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 2e-4  # printed to 4 decimals
     a, b = (load_file(os.path.join(d, "checkpoint.safetensors")) for d in (single, ddp))
     init = dict(load_ouroboros(setup[0], 1, 2, 1, rank=8).named_parameters())
-    for k in a:
-        if k.startswith("model."):
-            assert torch.allclose(a[k], b[k], atol=1e-5), k
-    assert not torch.equal(a["model.gate.proj.weight"], init["gate.proj.weight"])  # it did train
+    for k in (k for k in a if k.startswith("model.")):
+        change = (a[k] - init[k[len("model."):]]).norm()
+        assert (a[k] - b[k]).norm() <= 0.01 * change + 1e-7, k
 
 
 def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
