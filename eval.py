@@ -155,7 +155,10 @@ def main(argv=None, model=None):
     a = p.parse_args(argv)
     device = pick_device(a.device)
     depths = [int(d) for d in a.depths.split(",")] if a.depths else [1, 4, 8] + [16] * (device.type == "cuda")
-    result = evaluate(a.run, depths, a.windows, model, a.device)
+    try:
+        result = evaluate(a.run, depths, a.windows, model, a.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
     out = a.out or a.run[0]
     os.makedirs(out, exist_ok=True)
     table = markdown(result)

@@ -211,6 +211,21 @@ def parse_args(argv=None):
     return cfg, a.resume, a.dry_run
 
 
+def check(cfg: TrainConfig):
+    """Impossible settings, all reported at once, before anything is loaded or written."""
+    problems = [f"--{n.replace('_', '-')} must be at least 1" for n in
+                ("seq_len", "batch_size", "grad_accum", "steps", "eval_interval", "eval_windows", "log_interval", "rank")
+                if getattr(cfg, n) < 1]
+    if not 0 <= cfg.warmup < max(cfg.steps, 1):
+        problems.append(f"--warmup {cfg.warmup} must be in 0..{cfg.steps - 1} (below --steps)")
+    if not 0 < cfg.held_out < 1:
+        problems.append(f"--held-out {cfg.held_out} must be a fraction between 0 and 1")
+    if cfg.lr <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
+        problems.append("--lr must be positive and --min-lr-ratio in 0..1")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
 def depth_list(cfg: TrainConfig):
     try:
         depths = [int(x) for x in cfg.depths.split(",")]
@@ -292,6 +307,8 @@ def save_checkpoint(path, model, opt, step, cfg):
 def load_checkpoint(path, model, opt=None):
     """Restore trainable tensors (and AdamW state); returns the step it was saved at."""
     from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} not found: that run has not saved a checkpoint (it saves at every --eval-interval)")
     try:
         with safe_open(path, framework="pt") as f:
             step = int(f.metadata()["step"])
@@ -369,8 +386,12 @@ def train(cfg: TrainConfig, resume: bool = False):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
+    check(cfg)
     depths = depth_list(cfg)
     cfg.model = cfg.model or default_model(CACHE)
+    context = load_config(cfg.model).max_position_embeddings
+    if cfg.seq_len > context:
+        raise SystemExit(f"error: --seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
     cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-{cfg.pool}{'' if cfg.gate else '-nogate'}-s{cfg.seed}")
     ckpt_path = os.path.join(cfg.out, "checkpoint.safetensors")
     if os.path.exists(ckpt_path) and not resume:
@@ -384,8 +405,8 @@ def train(cfg: TrainConfig, resume: bool = False):
     model = load_ouroboros(cfg.model, cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha,
                            cfg.variant, cfg.gate, cfg.pool, dtype=dtype, device=device)
     model.checkpoint_steps = cfg.checkpoint_steps
-    if cfg.compile:
-        model.step = torch.compile(model.step, dynamic=False)
+    if cfg.compile:  # the step index becomes a symbolic int after one recompile: two graphs for any depth
+        model.step = torch.compile(model.step)
     train_tokens, held_tokens = load_splits(list(cfg.data), cfg.model, cfg.held_out, load_tokenizer(cfg.model), eos_id(cfg.model))
     train_w, held_w = Windows(train_tokens, cfg.seq_len), Windows(held_tokens, cfg.seq_len)
     log(f"device {device}, model {cfg.model}, {train_w.n:,} training windows / {held_w.n:,} held-out "
@@ -456,10 +477,13 @@ def train(cfg: TrainConfig, resume: bool = False):
 
 def main(argv=None):
     cfg, resume, dry = parse_args(argv)
-    if dry:
-        dry_run(cfg, cfg.model or default_model(CACHE))
-        return
-    model, device = train(cfg, resume)
+    try:
+        if dry:
+            dry_run(cfg, cfg.model or default_model(CACHE))
+            return
+        model, device = train(cfg, resume)
+    except (ValueError, FileNotFoundError) as e:  # bad splits, files, checkpoints: one line, no traceback
+        raise SystemExit(f"error: {e}") from e
     if cfg.final_eval and "RANK" not in os.environ:
         import eval as evaluation
         evaluation.main(["--run", cfg.out], model=model)

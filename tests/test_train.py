@@ -211,3 +211,36 @@ def test_dry_run_qwen25_3b_counts(tmp_path, capsys):
     total = [l for l in out.splitlines() if l.startswith("total")][0]
     assert total.split()[-1] == "9,214,592"
     assert "19 removed" in out and "1,662,976" in out  # the SVD bases: 7 targets x r x (in + out)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--warmup", "4"], r"--warmup 4 must be in 0..3"),
+    (["--held-out", "1.5"], "--held-out 1.5 must be a fraction"),
+    (["--depths", "4,x"], "give comma-separated integers"),
+    (["--depths", "65"], "each depth must be in 1..64"),
+    (["--seq-len", "100000"], "longer than the model's context"),
+    (["--recurrent", "0"], "error: recurrent layer 0 must lie between"),
+    (["--data", "/nonexistent/*.txt"], "matches no files"),
+])
+def test_impossible_settings_fail_with_one_clear_error(setup, tmp_path, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        train.main(args(setup, str(out), *extra))
+    assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_eval_of_a_run_without_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(vars(train.TrainConfig(model=setup[0], data=(setup[1],), prelude=1, recurrent=2, coda=1, rank=8))))
+    with pytest.raises(SystemExit, match="has not saved a checkpoint"):
+        evaluation.main(["--run", str(out), "--depths", "1", "--windows", "2"])
+
+
+def test_eval_reports_a_bad_run_config_in_one_line(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(vars(train.TrainConfig(model=setup[0], data=(setup[1],)))))
+    with pytest.raises(SystemExit, match="error: prelude 8 \\+ coda 8 must leave room"):
+        evaluation.main(["--run", str(out), "--depths", "1", "--windows", "2"])
