@@ -13,6 +13,7 @@ Rows
  4. torch.compile of the recurrent step, on vs off
 """
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -20,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from controller import Controller, Gate, StepNorm
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -170,41 +170,42 @@ def row_forward(device, dtype, reps):
             f"{tok / t_ours:,.0f} tok/s", f"{tok / t_theirs:,.0f} tok/s", t_theirs / t_ours, f"max|dlogits| {delta:.1e}")
 
 
+def time_train_step(model, ids, labels, depth, device, autocast, reps):
+    """(seconds per forward + backward + AdamW step, peak GPU GiB or None)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        with autocast:
+            loss = model(ids, depth, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, device, reps=reps)
+    return seconds, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
 def row_train(shape_name, shape, B, T, depth, device, dtype, reps, prelude=8, coda=8, peak=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    results = {}
     ids = torch.randint(0, shape["vocab_size"], (B, T), device=device)
     labels = torch.randint(0, shape["vocab_size"], (B, T), device=device)
-    for name in ("ours", "transformers layers"):
-        ours = random_ouroboros(shape, prelude, coda, 32, dtype, device, pool="causal" if name == "ours" else "mean")
-        model = ours if name == "ours" else TransformersLooped(ours)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        if name != "ours":  # same function? the reference must compute what ours computes with pool="mean"
-            ours.diagonals.pool = "mean"
-            with torch.no_grad(), autocast:
-                delta = abs(ours(ids, depth=depth, labels=labels).item() - model(ids, depth, labels).item())
-            ours.diagonals.pool = "causal"
-
-        def step():
-            with autocast:
-                loss = model(ids, depth=depth, labels=labels) if name == "ours" else model(ids, depth, labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        results[name] = (timed(step, device, reps=reps),
-                         torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
-        del model, ours, opt
+    ours = random_ouroboros(shape, prelude, coda, 32, dtype, device)
+    t_o, m_o = time_train_step(ours, ids, labels, depth, device, autocast, reps)
+    # The reference, built on the same weights, must compute what ours computes with pool="mean".
+    theirs = TransformersLooped(ours)
+    ours.diagonals.pool = "mean"
+    with torch.no_grad(), autocast:
+        delta = abs(ours(ids, depth, labels).item() - theirs(ids, depth, labels).item())
+    t_t, m_t = time_train_step(theirs, ids, labels, depth, device, autocast, reps)
     cfg = Qwen2Config(**shape)
     flops = train_flops(cfg, OuroborosConfig(prelude, cfg.num_hidden_layers // 2, coda), B, T, depth)
-    (t_o, m_o), (t_t, m_t) = results["ours"], results["transformers layers"]
     mfu = f", MFU {flops / t_o / peak:.0%} vs {flops / t_t / peak:.0%}" if peak else ""
     mem = f", peak {m_o:.1f} vs {m_t:.1f} GiB" if m_o is not None else ""
     return (f"2. train step {shape_name}, {B}x{T}, depth {depth}, {dtype_name(dtype)}",
             f"{B * T / t_o:,.0f} tok/s", f"{B * T / t_t:,.0f} tok/s", t_t / t_o,
-            f"{flops / 1e12:.2f} TFLOP/step{mfu}{mem}; |dloss| {delta:.1e}")
+            f"{flops / 1e12:.2f} TFLOP/step{mfu}{mem}; |dloss| vs ours {delta:.1e}")
 
 
 def row_overhead(device, dtype, reps):
@@ -236,11 +237,11 @@ def row_compile(device, dtype, reps):
 
     eager = timed(step, device, reps=reps)
     eager_step = model.step
-    model.step = torch.compile(eager_step, dynamic=False)
+    model.step = torch.compile(eager_step)  # as train.py --compile: k symbolic after one recompile
     t = time.perf_counter()
     step()
     compile_s = time.perf_counter() - t
-    compiled = timed(step, device, warmup=depth, reps=reps)  # one graph per step index
+    compiled = timed(step, device, warmup=1, reps=reps)
     return (f"4. torch.compile of the step, SmolLM2 shape, {B}x{T}, depth {depth}, {dtype_name(dtype)}",
             f"{B * T / compiled:,.0f} tok/s compiled", f"{B * T / eager:,.0f} tok/s eager", eager / compiled,
             f"first compiled step {compile_s:.0f}s")
@@ -258,11 +259,8 @@ def main():
     reps = 1 if a.quick else 3
     cpu, rows, skipped = torch.device("cpu"), [], []
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
-    try:
-        import transformers  # noqa: F401  (optional: the reference for rows 1 and 2)
-        have_hf = True
-    except ImportError:
-        have_hf = False
+    have_hf = importlib.util.find_spec("transformers") is not None  # optional: the reference for rows 1-2
+    if not have_hf:
         skipped.append("rows 1-2: transformers is not installed (pip install -r requirements-test.txt)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, GPU: "
           f"{torch.cuda.get_device_name() if gpu else 'none'}", flush=True)

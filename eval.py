@@ -69,7 +69,7 @@ def evaluate(runs, depths, windows, model_override=None, device_name="auto"):
               "split": f"{first.prelude} + [{first.recurrent}] + {first.coda}", "reference": {}, "runs": []}
     full = load_model(model_dir, dtype, device)
     result["reference"] = {s: {"full": loss(lambda x, y: full(x, labels=y), s)} for s in SPLITS}
-    del full
+    full = None  # free it before the runs are loaded
     for run, cfg in zip(runs, cfgs):
         model = model_override if model_override is not None and len(runs) == 1 else load_ouroboros(
             model_dir, cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha, cfg.variant, cfg.gate,

@@ -4,7 +4,6 @@ Part 1 is the pretrained decoder: it computes the same function as transformers'
 and LlamaForCausalLM (tests/test_parity.py proves it). Part 2 prunes it to prelude + one recurrent
 layer + coda and loops the recurrent layer under a controller (arXiv 2604.02051).
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -188,7 +187,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             lse = logits.logsumexp(-1)
             total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
             if grad is not None:
-                p = torch.exp(logits - lse[:, None])  # softmax, in place of the logits
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place: no second [chunk, vocab] buffer
                 p[torch.arange(len(yc), device=p.device), yc] -= 1
                 grad[i:i + chunk] = ((p * vc[:, None]).to(weight.dtype) @ weight).to(h.dtype)
         if grad is not None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import make_checkpoint
 from controller import TARGETS, Controller, Gate, StepNorm, svd_bases
 from load_qwen import load_model, load_ouroboros
-from model import Ouroboros, OuroborosConfig, lm_loss
+from model import lm_loss
 
 SPLIT = dict(prelude=2, recurrent=3, coda=2)  # of 7 layers: removed 2, 4
 
