@@ -136,7 +136,9 @@ class Windows:
     def batch(self, indices, device="cpu"):
         w = torch.from_numpy(np.stack([self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
                                        for i in indices]).astype(np.int64))
-        return w[:, :-1].to(device), w[:, 1:].to(device)
+        if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
+            w = w.pin_memory()
+        return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
 
     def order(self, seed: int, epoch: int):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
