@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer
+from controller import TARGETS
+from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, rms_norm_eps=1e-5)
@@ -60,8 +61,7 @@ def random_ouroboros(shape: dict, prelude, coda, rank, dtype, device, pool="caus
     torch.manual_seed(0)
     with torch.device(device):
         base = Transformer(cfg, pre + [r] + post).to(dtype)
-        lin = {t: getattr(base.layers[str(r)].self_attn if t in "qkvo" else base.layers[str(r)].mlp, f"{t}_proj")
-               for t in ("q", "k", "v", "o", "gate", "up", "down")}
+        lin = {t: getattr(*projection(base.layers[str(r)], t)) for t in TARGETS}
         bases = {t: (0.02 * torch.randn(rank, m.in_features, dtype=dtype), 0.02 * torch.randn(m.out_features, rank, dtype=dtype))
                  for t, m in lin.items()}
     model = Ouroboros(base, oc, bases)
@@ -123,12 +123,11 @@ class TransformersLooped(nn.Module):
             self.layers[i] = theirs.requires_grad_(False)
         r = str(ours.recurrent_id)
         self.recurrent, self.loras = self.layers[r], {}
-        for t in ("q", "k", "v", "o", "gate", "up", "down"):
-            parent_ours = ours.recurrent.self_attn if t in "qkvo" else ours.recurrent.mlp
-            parent = self.recurrent.self_attn if t in "qkvo" else self.recurrent.mlp
-            lo = getattr(parent_ours, f"{t}_proj")
-            self.loras[t] = StatefulLoRA(getattr(parent, f"{t}_proj"), lo.A, lo.B, lo.scale)
-            setattr(parent, f"{t}_proj", self.loras[t])
+        for t in TARGETS:
+            lo = getattr(*projection(ours.recurrent, t))
+            parent, name = projection(self.recurrent, t)
+            self.loras[t] = StatefulLoRA(getattr(parent, name), lo.A, lo.B, lo.scale)
+            setattr(parent, name, self.loras[t])
         self.prelude_ids, self.coda_ids = ours.prelude_ids, ours.coda_ids
         self.controller, self.step_norm, self.gate = ours.diagonals, ours.step_norm, ours.gate
 

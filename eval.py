@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from load_qwen import load_model, load_ouroboros, load_tokenizer
-from train import TrainConfig, Windows, eos_id, load_checkpoint, load_splits, pick_device
+from train import TrainConfig, Windows, eos_id, load_checkpoint, load_splits, pick_device, precision
 
 SPLITS = ("train", "held_out")
 
@@ -45,9 +45,7 @@ def label(cfg: TrainConfig) -> str:
 def evaluate(runs, depths, windows, model_override=None, device_name="auto"):
     """{"reference": {split: {"full", "pruned"}}, "runs": [{run, label, seed, split: {depth: loss}}]}."""
     device = pick_device(device_name)
-    half = device.type in ("cuda", "mps")
-    dtype = torch.bfloat16 if half else torch.float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
+    dtype, autocast = precision(device)
     cfgs = []
     for run in runs:
         file = os.path.join(run, "config.json")
@@ -94,6 +92,14 @@ def stats(values):
     return m, sd
 
 
+def by_label(result) -> dict:
+    """{label: [runs]}: the seeds of one variant, in the order the runs were given."""
+    groups = defaultdict(list)
+    for r in result["runs"]:
+        groups[r["label"]].append(r)
+    return groups
+
+
 def markdown(result) -> str:
     """One table per split: reference rows, then each label's mean (± std over seeds) per depth."""
     out = [f"Model `{result['model']}`, layers {result['split']}, {result['windows']} windows x "
@@ -104,10 +110,7 @@ def markdown(result) -> str:
         out += ["", f"**{'training distribution' if s == 'train' else 'held-out documents'}**", "",
                 "| model | depth | seeds | loss | loss reduction | gap recovered |", "|---|---|---|---|---|---|",
                 f"| full model | - | - | {full:.3f} | - | 100% |", f"| pruned baseline | 1 | - | {pruned:.3f} | 0.0% | 0.0% |"]
-        groups = defaultdict(list)
-        for r in result["runs"]:
-            groups[r["label"]].append(r)
-        for name, rs in groups.items():
+        for name, rs in by_label(result).items():
             for d in result["depths"]:
                 m, sd = stats([r[s][d] for r in rs])
                 pm = f" ± {sd:.3f}" if len(rs) > 1 else ""
@@ -127,10 +130,7 @@ def plot(result, file):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, s in zip(axes, SPLITS):
         ref = result["reference"][s]
-        groups = defaultdict(list)
-        for r in result["runs"]:
-            groups[r["label"]].append(r)
-        for name, rs in groups.items():
+        for name, rs in by_label(result).items():
             ms = [stats([r[s][d] for r in rs]) for d in result["depths"]]
             ax.errorbar(result["depths"], [m for m, _ in ms], yerr=[sd for _, sd in ms], marker="o", capsize=3, label=name)
         ax.axhline(ref["pruned"], color="gray", ls="--", label="pruned baseline")

@@ -68,6 +68,11 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def projection(layer, target: str):
+    """(parent module, attribute name) of a decoder layer's projection: q k v o in attention, gate up down in the MLP."""
+    return (layer.self_attn if target in ("q", "k", "v", "o") else layer.mlp), f"{target}_proj"
+
+
 def project(linear: nn.Module, x, diag, name: str):
     """Apply one projection; with Ouroboros diagonals (part 2) the SVD-LoRA wrapper adds its term."""
     return linear(x) if diag is None else linear(x, diag[name])
@@ -257,8 +262,7 @@ class Ouroboros(nn.Module):
             if bases is None:
                 raise ValueError(f"variant {oc.variant!r} needs the SVD bases {{target: (A, B)}}")
             for t, (A, B) in bases.items():  # wrap the frozen projections in place
-                parent = self.recurrent.self_attn if t in ("q", "k", "v", "o") else self.recurrent.mlp
-                name = f"{t}_proj"
+                parent, name = projection(self.recurrent, t)
                 setattr(parent, name, SVDLoRA(getattr(parent, name), A, B, oc.alpha))
         # Trainable modules are fp32 whatever the base dtype (bf16 AdamW updates round away).
         d = cfg.hidden_size

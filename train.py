@@ -28,7 +28,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from load_qwen import default_model, load_config, load_ouroboros, load_tokenizer
-from model import Ouroboros, OuroborosConfig, Transformer
+from controller import TARGETS
+from model import Ouroboros, OuroborosConfig, Transformer, projection
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "cache")
@@ -276,12 +277,9 @@ def dry_run(cfg: TrainConfig, model_dir: str):
     pre, r, post, removed = oc.split(config.num_hidden_layers)
     with torch.device("meta"):
         base = Transformer(config, pre + [r] + post)
-        a = base.layers[str(r)].self_attn
-        m = base.layers[str(r)].mlp
-        projections = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
-                       "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+        linears = {t: getattr(*projection(base.layers[str(r)], t)) for t in TARGETS}
         bases = {t: (torch.empty(oc.rank, lin.in_features), torch.empty(lin.out_features, oc.rank))
-                 for t, lin in projections.items()}
+                 for t, lin in linears.items()}
         model = Ouroboros(base, oc, bases if oc.variant != "none" else None)
     print(f"{model_dir}: {config.num_hidden_layers} layers, d={config.hidden_size}; prelude {pre[0] if pre else '-'}"
           f"..{pre[-1] if pre else '-'}, recurrent {r}, coda {post[0] if post else '-'}..{post[-1] if post else '-'}, "
@@ -346,6 +344,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def precision(device: torch.device):
+    """(base dtype, autocast): bf16 base + bf16 autocast on GPUs (trainable tensors stay fp32
+    masters); plain fp32 on the CPU, whose bf16 matmuls are far slower here."""
+    half = device.type in ("cuda", "mps")
+    return (torch.bfloat16 if half else torch.float32), torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * lr; counted in optimiser steps."""
     if step < cfg.warmup:
@@ -399,10 +404,7 @@ def train(cfg: TrainConfig, resume: bool = False):
     if os.path.exists(ckpt_path) and not resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or --out for a new one")
 
-    # bf16 base + autocast on GPUs (trainable tensors stay fp32 masters); plain fp32 on the CPU.
-    half = device.type in ("cuda", "mps")
-    dtype = torch.bfloat16 if half else torch.float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
+    dtype, autocast = precision(device)
     torch.manual_seed(cfg.seed)
     model = load_ouroboros(cfg.model, cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha,
                            cfg.variant, cfg.gate, cfg.pool, dtype=dtype, device=device)
@@ -430,6 +432,7 @@ def train(cfg: TrainConfig, resume: bool = False):
     eval_depth = max(depths)
     model.train()
     t0, tokens_seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
+    order_epoch = None
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
@@ -438,7 +441,8 @@ def train(cfg: TrainConfig, resume: bool = False):
             # The data order and the depth are functions of (seed, step, micro): resuming is exact.
             first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
             epoch, offset = divmod(first, train_w.n)
-            order = train_w.order(cfg.seed, epoch)
+            if epoch != order_epoch:  # a permutation per epoch, not per micro-step
+                order, order_epoch = train_w.order(cfg.seed, epoch), epoch
             idx = [order[(offset + j) % train_w.n] for j in range(cfg.batch_size)]
             x, y = train_w.batch(idx, device)
             depth = depths[torch.randint(len(depths), (), generator=torch.Generator().manual_seed(
