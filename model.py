@@ -176,7 +176,8 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
     The [tokens, vocab] logits are never held: W is frozen, so the only gradient needed is the one
     for h, and it is computed chunk by chunk in the forward pass ((softmax - onehot) W / n).
-    This buys memory: 2 x 2048 tokens x 151,936 vocab would be 2.5 GB of fp32 logits, plus their grad.
+    This buys memory: 2 x 2048 tokens x 151,936 vocab would be 2.5 GB of fp32 logits, plus their grad;
+    and time: 430 ms vs 540 ms for F.cross_entropy on full logits (512 tokens x 49,152, 2-core CPU).
     """
 
     @staticmethod
@@ -189,12 +190,14 @@ class _ChunkedLMLoss(torch.autograd.Function):
         for i in range(0, h2.shape[0], chunk):
             logits = (h2[i:i + chunk] @ weight.t()).float()
             yc, vc = y[i:i + chunk].clamp(min=0), valid[i:i + chunk]
-            lse = logits.logsumexp(-1)
-            total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * vc).sum()
-            if grad is not None:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place: no second [chunk, vocab] buffer
-                p[torch.arange(len(yc), device=p.device), yc] -= 1
-                grad[i:i + chunk] = ((p * vc[:, None]).to(weight.dtype) @ weight).to(h.dtype)
+            top = logits.amax(-1, keepdim=True)
+            target = logits.gather(1, yc[:, None]) - top
+            p = logits.sub_(top).exp_()  # unnormalised softmax, in place: one [chunk, vocab] buffer, one exp
+            z = p.sum(-1, keepdim=True)
+            total += ((z.log() - target).squeeze(1) * vc).sum()  # -log softmax[y] = log z - (logit_y - top)
+            if grad is not None:  # (softmax - onehot) W = ((p - z onehot) W) / z: one pass over the logits fewer
+                p[torch.arange(len(yc), device=p.device), yc] -= z.squeeze(1)  # in fp32, before any bf16 cast
+                grad[i:i + chunk] = ((p.to(weight.dtype) @ weight).float() * (vc[:, None] / z)).to(h.dtype)
         if grad is not None:
             ctx.save_for_backward((grad / n).view_as(h))
         return total / n
