@@ -7,12 +7,14 @@ Rows
  1. decoder forward, ours vs transformers' Qwen2ForCausalLM (SmolLM2-135M shape, batch 4 x 256)
  2. Ouroboros training step (forward + backward + AdamW), ours vs the same pruned-and-looped model
     assembled from transformers' Qwen2DecoderLayer the way the paper's code does it (diagonals set
-    as module state, whole-sequence pooling, full logits); tokens/s, MFU, peak memory
+    as module state, whole-sequence pooling, full logits); ours is timed with the same pooling (like
+    for like) and with its default causal controller; tokens/s, MFU, peak memory
  3. controller overhead: one recurrent step with controller + SVD-LoRA + step norm + gate vs the
     bare layer (forward + backward)
  4. torch.compile of the recurrent step, on vs off
 """
 import argparse
+import dataclasses
 import importlib.util
 import statistics
 import time
@@ -33,24 +35,38 @@ QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s, H100 SXM datasheet
 
 
-def timed(fn, device, warmup=1, reps=3):
-    """Median seconds of fn() after warm-up; CUDA events on a GPU, so no host clock races the queue."""
-    for _ in range(warmup):
+def timed(fns, device, reps=3):
+    """Median seconds of each fn() after one warm-up call each. The calls take turns, so a change in
+    the machine's speed (other load, clocks) hits every fn alike; CUDA events time the GPU's queue."""
+    for fn in fns:
         fn()
-    times = []
+    times = [[] for _ in fns]
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                ts.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
+def step_memory(fn, device):
+    """GiB that one call of fn allocates at its peak above what is already held (None on a CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - held) / 2**30
 
 
 def random_ouroboros(shape: dict, prelude, coda, rank, dtype, device, pool="causal"):
@@ -60,7 +76,11 @@ def random_ouroboros(shape: dict, prelude, coda, rank, dtype, device, pool="caus
     pre, r, post, _ = oc.split(n)
     torch.manual_seed(0)
     with torch.device(device):
-        base = Transformer(cfg, pre + [r] + post).to(dtype)
+        base = Transformer(cfg, pre + [r] + post)
+        for name, p in base.named_parameters():  # scaled like a trained model (HF init std 0.02), not N(0, 1)
+            if "norm" not in name:
+                nn.init.normal_(p, std=0.02)
+        base = base.to(dtype)
         lin = {t: getattr(*projection(base.layers[str(r)], t)) for t in TARGETS}
         bases = {t: (0.02 * torch.randn(rank, m.in_features, dtype=dtype), 0.02 * torch.randn(m.out_features, rank, dtype=dtype))
                  for t, m in lin.items()}
@@ -72,20 +92,34 @@ def random_ouroboros(shape: dict, prelude, coda, rank, dtype, device, pool="caus
     return model
 
 
-def train_flops(cfg: Qwen2Config, oc: OuroborosConfig, B, T, depth):
-    """Matmul FLOPs of one training step. The base is frozen: its layers need activation gradients
-    (1x their forward) but no weight gradients, and nothing flows back into the prelude."""
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    tokens = B * T
-    linear = 2 * tokens * (d * q + 2 * d * kv + q * d + 3 * d * f)
-    attention = 2 * 2 * B * T * T * q / 2  # QK^T and PV, causal half
-    layer_fwd, layer_bwd = linear + attention, linear + 2 * attention
-    lora = 2 * tokens * oc.rank * (2 * (d + q) + 2 * (d + kv) * 2 + 2 * (d + f) * 2 + (f + d))
-    trainable = 2 * tokens * (2 * d * d + d * 2 * oc.style) * 3  # gate + controller input: fwd, act grad, weight grad
-    head = 2 * tokens * d * cfg.vocab_size
-    return (oc.prelude * layer_fwd + depth * (layer_fwd + layer_bwd + 2 * lora + trainable)
-            + oc.coda * (layer_fwd + layer_bwd) + 2 * head)
+def train_flops(cfg: Qwen2Config, oc: OuroborosConfig, B, T, depth, attention=True):
+    """Matmul FLOPs of one training step (forward + backward), counted term by term.
+
+    The base is frozen: its layers need activation gradients (1x their forward matmuls, 2x for
+    attention) but no weight gradients, and nothing flows back into the prelude, nor into the input
+    of step 0. The controller and gate also get weight gradients (3x their forward). Attention is
+    counted at the causal half. tests/test_bench.py checks the matmul count against torch's own
+    FlopCounterMode. Returns (total, bare) where bare is one recurrent step of the unmodulated layer.
+    """
+    d, f, hd, s, r = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, oc.style, oc.rank
+    q, kv, n = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, B * T
+    mm = lambda rows, i, o: 2 * rows * i * o  # one [rows, i] @ [i, o]
+    qkv = mm(n, d, q) + 2 * mm(n, d, kv)                              # the projections that read the layer input
+    layer = qkv + mm(n, q, d) + 3 * mm(n, d, f)
+    attn = 2 * mm(B * T, hd, T) * cfg.num_attention_heads / 2 if attention else 0  # QK^T and PV
+    shapes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+    lora = sum(mm(n, i, r) + mm(n, r, o) for i, o in shapes.values())
+    lora_qkv_in = sum(mm(n, r, shapes[t][0]) for t in ("q", "k", "v"))
+    rows = n if oc.pool == "causal" else B                          # controller: per token or per sequence
+    reads_h = mm(rows, d, 2 * s)
+    controller = reads_h + mm(rows, 3 * s, 2 * s) + mm(rows, 2 * s, s) + len(shapes) * mm(rows, s, r)
+    gate = mm(n, 2 * d, d)
+    step = 2 * (layer + lora) + 3 * attn + 3 * (controller + gate)  # forward + backward
+    first = step - qkv - lora_qkv_in - reads_h                      # step 0: its input needs no gradient
+    head = mm(n, d, cfg.vocab_size)
+    total = (oc.prelude * (layer + attn) + first + (depth - 1) * step
+             + oc.coda * (2 * layer + 3 * attn) + 2 * head)
+    return total, step, 2 * layer + 3 * attn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +163,7 @@ class TransformersLooped(nn.Module):
             self.loras[t] = StatefulLoRA(getattr(parent, name), lo.A, lo.B, lo.scale)
             setattr(parent, name, self.loras[t])
         self.prelude_ids, self.coda_ids = ours.prelude_ids, ours.coda_ids
-        self.controller, self.step_norm, self.gate = ours.diagonals, ours.step_norm, ours.gate
+        self.diagonals, self.step_norm, self.gate = ours.diagonals, ours.step_norm, ours.gate
 
     def forward(self, ids, depth, labels):
         h = self.embed(ids)
@@ -139,7 +173,7 @@ class TransformersLooped(nn.Module):
         for i in self.prelude_ids:
             h = run(i, h)
         for k in range(depth):
-            for t, c in self.controller(h, k).items():  # pool="mean": one diagonal per sequence
+            for t, c in self.diagonals(h, k).items():  # pool="mean": one diagonal per sequence
                 self.loras[t].c = c
             h = self.gate(self.step_norm(self.recurrent(h, position_embeddings=pe, position_ids=pos), k), h)
         for i in self.coda_ids:
@@ -162,55 +196,62 @@ def row_forward(device, dtype, reps):
     ids = torch.randint(0, cfg.vocab_size, (4, 256), device=device)
     with torch.no_grad():
         delta = (ours(ids).float() - theirs(ids).logits.float()).abs().max().item()
-        t_ours = timed(lambda: ours(ids), device, reps=reps)
-        t_theirs = timed(lambda: theirs(ids).logits, device, reps=reps)
+        t_ours, t_theirs = timed([lambda: ours(ids), lambda: theirs(ids).logits], device, reps)
     tok = ids.numel()
     return (f"1. decoder forward, SmolLM2-135M shape, 4x256, {dtype_name(dtype)}",
             f"{tok / t_ours:,.0f} tok/s", f"{tok / t_theirs:,.0f} tok/s", t_theirs / t_ours, f"max|dlogits| {delta:.1e}")
 
 
-def time_train_step(model, ids, labels, depth, device, autocast, reps):
-    """(seconds per forward + backward + AdamW step, peak GPU GiB or None)."""
+def train_step(model, ids, labels, depth, autocast, pool):
+    """One forward + backward + AdamW step, as a function for timed(); pool: the controller's pooling."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
+        model.diagonals.pool = pool  # ours and the reference share one controller
         with autocast:
             loss = model(ids, depth, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, device, reps=reps)
-    return seconds, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return step
 
 
 def row_train(shape_name, shape, B, T, depth, device, dtype, reps, prelude=8, coda=8, peak=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     ids = torch.randint(0, shape["vocab_size"], (B, T), device=device)
     labels = torch.randint(0, shape["vocab_size"], (B, T), device=device)
-    ours = random_ouroboros(shape, prelude, coda, 32, dtype, device)
-    t_o, m_o = time_train_step(ours, ids, labels, depth, device, autocast, reps)
-    # The reference, built on the same weights, must compute what ours computes with pool="mean".
+    ours = random_ouroboros(shape, prelude, coda, 32, dtype, device, pool="mean")
     theirs = TransformersLooped(ours)
-    ours.diagonals.pool = "mean"
+    # Like for like: the reference computes the paper's whole-sequence mean pooling, so ours is timed
+    # with it too, and the two losses are checked equal on the same weights. Our default, the causal
+    # controller, is timed alongside.
     with torch.no_grad(), autocast:
         delta = abs(ours(ids, depth, labels).item() - theirs(ids, depth, labels).item())
-    t_t, m_t = time_train_step(theirs, ids, labels, depth, device, autocast, reps)
-    cfg = Qwen2Config(**shape)
-    flops = train_flops(cfg, OuroborosConfig(prelude, cfg.num_hidden_layers // 2, coda), B, T, depth)
-    mfu = f", MFU {flops / t_o / peak:.0%} vs {flops / t_t / peak:.0%}" if peak else ""
-    mem = f", peak {m_o:.1f} vs {m_t:.1f} GiB" if m_o is not None else ""
-    return (f"2. train step {shape_name}, {B}x{T}, depth {depth}, {dtype_name(dtype)}",
-            f"{B * T / t_o:,.0f} tok/s", f"{B * T / t_t:,.0f} tok/s", t_t / t_o,
-            f"{flops / 1e12:.2f} TFLOP/step{mfu}{mem}; |dloss| vs ours {delta:.1e}")
+    steps = [train_step(ours, ids, labels, depth, autocast, "mean"), train_step(theirs, ids, labels, depth, autocast, "mean"),
+             train_step(ours, ids, labels, depth, autocast, "causal")]
+    t_o, t_t, t_causal = timed(steps, device, reps)
+    m_o, m_t, m_causal = (step_memory(step, device) for step in steps)
+    cfg, oc = ours.base.config, ours.config
+    flops = train_flops(cfg, oc, B, T, depth)[0]
+    flops_causal = train_flops(cfg, dataclasses.replace(oc, pool="causal"), B, T, depth)[0]
+    note = f"{flops / 1e12:.2f} TFLOP/step; |dloss| {delta:.1e}"
+    causal = f"causal controller (our default): {B * T / t_causal:,.0f} tok/s"
+    if peak:
+        note += f"; MFU {flops / t_o / peak:.0%} vs {flops / t_t / peak:.0%}"
+        causal += f", MFU {flops_causal / t_causal / peak:.0%}"
+    if m_o is not None:
+        weights = torch.cuda.memory_allocated() / 2**30
+        note += f"; step memory {m_o:.1f} vs {m_t:.1f} GiB above the {weights:.1f} GiB both models hold"
+        causal += f", {m_causal:.1f} GiB"
+    return (f"2. train step {shape_name}, {B}x{T}, depth {depth}, {dtype_name(dtype)}, mean pool",
+            f"{B * T / t_o:,.0f} tok/s", f"{B * T / t_t:,.0f} tok/s", t_t / t_o, f"{note}; {causal}")
 
 
 def row_overhead(device, dtype, reps):
     model = random_ouroboros(SMOLLM2, 8, 8, 32, dtype, device)
-    h = torch.randn(4, 256, 576, device=device, dtype=dtype, requires_grad=True)
-    cos, sin = model.base.rope(256, h)
+    B, T = 4, 256
+    h = torch.randn(B, T, 576, device=device, dtype=dtype, requires_grad=True)
+    cos, sin = model.base.rope(T, h)
 
     def bare():
         model.recurrent(h, cos, sin).sum().backward()
@@ -218,10 +259,11 @@ def row_overhead(device, dtype, reps):
     def full():
         model.step(h, 3, cos, sin).sum().backward()
 
-    t_bare, t_full = timed(bare, device, reps=reps), timed(full, device, reps=reps)
-    return (f"3. one recurrent step (fwd+bwd), SmolLM2 shape, 4x256, {dtype_name(dtype)}",
+    t_full, t_bare = timed([full, bare], device, reps)
+    _, step, bare_flops = train_flops(model.base.config, model.config, B, T, 1)
+    return (f"3. one recurrent step (fwd+bwd), SmolLM2 shape, {B}x{T}, {dtype_name(dtype)}",
             f"{t_full * 1e3:.1f} ms controller", f"{t_bare * 1e3:.1f} ms bare layer", t_bare / t_full,
-            f"controller step costs {t_full / t_bare:.2f}x the bare layer")
+            f"controller step costs {t_full / t_bare:.2f}x the bare layer; its FLOPs are {step / bare_flops:.2f}x")
 
 
 def row_compile(device, dtype, reps):
@@ -230,17 +272,21 @@ def row_compile(device, dtype, reps):
     ids = torch.randint(0, 49152, (B, T), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
-    def step():
-        with autocast:
-            model(ids, depth=depth, labels=ids).backward()
+    eager_step, compiled_step = model.step, torch.compile(model.step)  # as train.py --compile
 
-    eager = timed(step, device, reps=reps)
-    eager_step = model.step
-    model.step = torch.compile(eager_step)  # as train.py --compile: k symbolic after one recompile
+    def run(step_fn):
+        def step():
+            model.step = step_fn
+            with autocast:
+                model(ids, depth=depth, labels=ids).backward()
+        return step
+
     t = time.perf_counter()
-    step()
+    run(compiled_step)()  # compiles k = 0, then once more with k symbolic
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     compile_s = time.perf_counter() - t
-    compiled = timed(step, device, warmup=1, reps=reps)
+    compiled, eager = timed([run(compiled_step), run(eager_step)], device, reps)
     return (f"4. torch.compile of the step, SmolLM2 shape, {B}x{T}, depth {depth}, {dtype_name(dtype)}",
             f"{B * T / compiled:,.0f} tok/s compiled", f"{B * T / eager:,.0f} tok/s eager", eager / compiled,
             f"first compiled step {compile_s:.0f}s")
