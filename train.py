@@ -82,9 +82,10 @@ def read_documents(files):
     return [(n, t) for n, t in docs if t.strip()]
 
 
-def is_held_out(name: str, fraction: float) -> bool:
-    """A document's side depends on its name alone: deterministic, and stable as the corpus grows."""
-    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) < fraction * 2**32
+def is_held_out(text: str, fraction: float) -> bool:
+    """A document's side depends on its text alone: the same on every machine wherever the corpus
+    lies, stable as the corpus grows, and copies of one document never straddle the split."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) < fraction * 2**32
 
 
 def tokenize(docs, tokenizer, eos: int) -> np.ndarray:
@@ -105,13 +106,13 @@ def eos_id(model_dir) -> int:
 def load_splits(sources, model_dir, held_out: float, tokenizer, eos: int, cache=None):
     """(train, held_out) token streams, cached on disk under a key of the files, tokenizer and split."""
     files = find_files(sources)
-    key = hashlib.sha1(json.dumps([[f, os.path.getsize(f), os.path.getmtime(f)] for f in files] + [
-        held_out, eos, os.path.getsize(os.path.join(model_dir, "tokenizer.json"))]).encode()).hexdigest()[:16]
-    folder = os.path.join(cache or CACHE, "tokens", key)
+    key = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files]
+    key += [held_out, "split by sha1 of the text", eos, os.path.getsize(os.path.join(model_dir, "tokenizer.json"))]
+    folder = os.path.join(cache or CACHE, "tokens", hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16])
     paths = [os.path.join(folder, f"{side}.npy") for side in ("train", "held_out")]
     if not all(os.path.isfile(p) for p in paths):
         docs = read_documents(files)
-        sides = [[d for d in docs if not is_held_out(d[0], held_out)], [d for d in docs if is_held_out(d[0], held_out)]]
+        sides = [[d for d in docs if not is_held_out(d[1], held_out)], [d for d in docs if is_held_out(d[1], held_out)]]
         if not sides[0] or not sides[1]:
             raise ValueError(f"{len(docs)} documents cannot be split into train and held-out at {held_out:.0%}; "
                              "give more documents or change --held-out")
