@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from load_qwen import load_model, load_ouroboros, load_tokenizer
-from train import TrainConfig, Windows, eos_id, load_checkpoint, load_splits, pick_device, precision
+from train import ROOT, TrainConfig, Windows, eos_id, load_checkpoint, load_splits, pick_device, precision
 
 SPLITS = ("train", "held_out")
 
@@ -63,7 +63,8 @@ def evaluate(runs, depths, windows, model_override=None, device_name="auto"):
     data = {s: Windows(t, first.seq_len) for s, t in zip(SPLITS, streams)}
     loss = lambda fn, split: mean_loss(fn, data[split], windows, first.batch_size, device, autocast)
 
-    result = {"model": model_dir, "windows": windows, "seq_len": first.seq_len, "depths": depths,
+    shown = os.path.relpath(model_dir, ROOT)  # inside the repository: the same text on every machine
+    result = {"model": model_dir if shown.startswith("..") else shown, "windows": windows, "seq_len": first.seq_len, "depths": depths,
               "split": f"{first.prelude} + [{first.recurrent}] + {first.coda}", "reference": {}, "runs": []}
     full = load_model(model_dir, dtype, device)
     result["reference"] = {s: {"full": loss(lambda x, y: full(x, labels=y), s)} for s in SPLITS}
