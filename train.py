@@ -170,7 +170,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 8             # sequences per micro-batch (per process)
     grad_accum: int = 1
-    steps: int = 80                 # optimiser steps (CPU default: ~13 min on 2 cores)
+    steps: int = 80                 # optimiser steps (CPU default: ~10 min on 2 cores)
     lr: float = 3e-3                # paper: 3e-4 over 300K steps; 10x for a run 4000x shorter
     min_lr_ratio: float = 0.1
     warmup: int = 10
