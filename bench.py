@@ -99,7 +99,8 @@ def train_flops(cfg: Qwen2Config, oc: OuroborosConfig, B, T, depth, attention=Tr
     attention) but no weight gradients, and nothing flows back into the prelude, nor into the input
     of step 0. The controller and gate also get weight gradients (3x their forward). Attention is
     counted at the causal half. tests/test_bench.py checks the matmul count against torch's own
-    FlopCounterMode. Returns (total, bare) where bare is one recurrent step of the unmodulated layer.
+    FlopCounterMode. Returns (whole training step, one recurrent step k >= 1, that step through the
+    bare layer).
     """
     d, f, hd, s, r = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, oc.style, oc.rank
     q, kv, n = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, B * T
@@ -227,8 +228,8 @@ def row_train(shape_name, shape, B, T, depth, device, dtype, reps, prelude=8, co
     # controller, is timed alongside.
     with torch.no_grad(), autocast:
         delta = abs(ours(ids, depth, labels).item() - theirs(ids, depth, labels).item())
-    steps = [train_step(ours, ids, labels, depth, autocast, "mean"), train_step(theirs, ids, labels, depth, autocast, "mean"),
-             train_step(ours, ids, labels, depth, autocast, "causal")]
+    steps = [train_step(model, ids, labels, depth, autocast, pool)
+             for model, pool in ((ours, "mean"), (theirs, "mean"), (ours, "causal"))]
     t_o, t_t, t_causal = timed(steps, device, reps)
     m_o, m_t, m_causal = (step_memory(step, device) for step in steps)
     cfg, oc = ours.base.config, ours.config
@@ -250,7 +251,7 @@ def row_train(shape_name, shape, B, T, depth, device, dtype, reps, prelude=8, co
 def row_overhead(device, dtype, reps):
     model = random_ouroboros(SMOLLM2, 8, 8, 32, dtype, device)
     B, T = 4, 256
-    h = torch.randn(B, T, 576, device=device, dtype=dtype, requires_grad=True)
+    h = torch.randn(B, T, SMOLLM2["hidden_size"], device=device, dtype=dtype, requires_grad=True)
     cos, sin = model.base.rope(T, h)
 
     def bare():

@@ -64,7 +64,8 @@ def evaluate(runs, depths, windows, model_override=None, device_name="auto"):
     loss = lambda fn, split: mean_loss(fn, data[split], windows, first.batch_size, device, autocast)
 
     shown = os.path.relpath(model_dir, ROOT)  # inside the repository: the same text on every machine
-    result = {"model": model_dir if shown.startswith("..") else shown, "windows": windows, "seq_len": first.seq_len, "depths": depths,
+    result = {"model": model_dir if shown.startswith("..") else shown, "windows": windows,
+              "seq_len": first.seq_len, "depths": depths,
               "split": f"{first.prelude} + [{first.recurrent}] + {first.coda}", "reference": {}, "runs": []}
     full = load_model(model_dir, dtype, device)
     result["reference"] = {s: {"full": loss(lambda x, y: full(x, labels=y), s)} for s in SPLITS}

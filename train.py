@@ -112,7 +112,8 @@ def load_splits(sources, model_dir, held_out: float, tokenizer, eos: int, cache=
     paths = [os.path.join(folder, f"{side}.npy") for side in ("train", "held_out")]
     if not all(os.path.isfile(p) for p in paths):
         docs = read_documents(files)
-        sides = [[d for d in docs if not is_held_out(d[1], held_out)], [d for d in docs if is_held_out(d[1], held_out)]]
+        held = [is_held_out(text, held_out) for _, text in docs]
+        sides = [[d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]]
         if not sides[0] or not sides[1]:
             raise ValueError(f"{len(docs)} documents cannot be split into train and held-out at {held_out:.0%}; "
                              "give more documents or change --held-out")
