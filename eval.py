@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import torch
 
-from load_qwen import load_model, load_ouroboros, load_tokenizer
-from train import ROOT, TrainConfig, Windows, eos_id, load_checkpoint, load_splits, pick_device, precision
+from data import ROOT, Windows, eos_id, load_splits
+from load_qwen import load_model, load_run, load_tokenizer, pick_device, precision, run_config
 
 SPLITS = ("train", "held_out")
 
@@ -35,52 +35,40 @@ def mean_loss(fn, windows: Windows, n: int, batch: int, device, autocast) -> flo
     return total / len(idx)
 
 
-def label(cfg: TrainConfig) -> str:
-    if cfg.variant == "none":
-        return "gate + step norm only" if cfg.gate else "no LoRA, no gate"
-    name = {"controller": f"controller ({cfg.pool})", "static": "static diagonals"}[cfg.variant]
-    return name + ("" if cfg.gate else ", no gate")
+def label(cfg: dict) -> str:
+    if cfg["variant"] == "none":
+        return "gate + step norm only" if cfg["gate"] else "no LoRA, no gate"
+    name = {"controller": f"controller ({cfg['pool']})", "static": "static diagonals"}[cfg["variant"]]
+    return name + ("" if cfg["gate"] else ", no gate")
 
 
-def evaluate(runs, depths, windows, model_override=None, device_name="auto"):
+def evaluate(runs, depths, windows, device_name="auto"):
     """{"reference": {split: {"full", "pruned"}}, "runs": [{run, label, seed, split: {depth: loss}}]}."""
     device = pick_device(device_name)
     dtype, autocast = precision(device)
-    cfgs = []
-    for run in runs:
-        file = os.path.join(run, "config.json")
-        if not os.path.isfile(file):
-            raise SystemExit(f"{file} not found: --run takes a folder written by train.py")
-        with open(file) as f:
-            cfgs.append(TrainConfig(**json.load(f)))
+    cfgs = [run_config(run) for run in runs]
+    shared = ("model", "data", "held_out", "seq_len", "prelude", "recurrent", "coda")
+    if any([c[k] for k in shared] != [cfgs[0][k] for k in shared] for c in cfgs[1:]):
+        raise SystemExit("runs compared in one table must share model, data, split, seq_len and layer split")
     first = cfgs[0]
-    for c in cfgs[1:]:
-        same = (c.model, tuple(c.data), c.held_out, c.seq_len, c.prelude, c.recurrent, c.coda)
-        if same != (first.model, tuple(first.data), first.held_out, first.seq_len, first.prelude, first.recurrent, first.coda):
-            raise SystemExit("runs compared in one table must share model, data, split, seq_len and layer split")
-    model_dir = first.model
-    streams = load_splits(list(first.data), model_dir, first.held_out, load_tokenizer(model_dir), eos_id(model_dir))
-    data = {s: Windows(t, first.seq_len) for s, t in zip(SPLITS, streams)}
-    loss = lambda fn, split: mean_loss(fn, data[split], windows, first.batch_size, device, autocast)
+    model_dir = first["model"]
+    streams = load_splits(list(first["data"]), model_dir, first["held_out"], load_tokenizer(model_dir), eos_id(model_dir))
+    data = {s: Windows(t, first["seq_len"]) for s, t in zip(SPLITS, streams)}
+    loss = lambda fn, split: mean_loss(fn, data[split], windows, first["batch_size"], device, autocast)
 
     shown = os.path.relpath(model_dir, ROOT)  # inside the repository: the same text on every machine
     result = {"model": model_dir if shown.startswith("..") else shown, "windows": windows,
-              "seq_len": first.seq_len, "depths": depths,
-              "split": f"{first.prelude} + [{first.recurrent}] + {first.coda}", "reference": {}, "runs": []}
+              "seq_len": first["seq_len"], "depths": depths,
+              "split": f"{first['prelude']} + [{first['recurrent']}] + {first['coda']}", "reference": {}, "runs": []}
     full = load_model(model_dir, dtype, device)
     result["reference"] = {s: {"full": loss(lambda x, y: full(x, labels=y), s)} for s in SPLITS}
     full = None  # free it before the runs are loaded
     for run, cfg in zip(runs, cfgs):
-        model = model_override if model_override is not None and len(runs) == 1 else load_ouroboros(
-            model_dir, cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha, cfg.variant, cfg.gate,
-            cfg.pool, dtype=dtype, device=device)
-        model.eval()
-        if model is not model_override:
-            load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
+        model, _ = load_run(run, dtype, device)
         if "pruned" not in result["reference"]["train"]:
             for s in SPLITS:
                 result["reference"][s]["pruned"] = loss(lambda x, y: model.pruned(x, labels=y), s)
-        entry = {"run": run, "label": label(cfg), "seed": cfg.seed}
+        entry = {"run": run, "label": label(cfg), "seed": cfg["seed"]}
         for s in SPLITS:
             entry[s] = {d: loss(lambda x, y: model(x, depth=d, labels=y), s) for d in depths}
         result["runs"].append(entry)
@@ -146,7 +134,7 @@ def plot(result, file):
     return file
 
 
-def main(argv=None, model=None):
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", nargs="+", required=True, help="run folder(s) written by train.py")
     p.add_argument("--depths", default=None, help="default 1,4,8 (and 16 on a GPU)")
@@ -158,8 +146,8 @@ def main(argv=None, model=None):
     device = pick_device(a.device)
     depths = [int(d) for d in a.depths.split(",")] if a.depths else [1, 4, 8] + [16] * (device.type == "cuda")
     try:
-        result = evaluate(a.run, depths, a.windows, model, a.device)
-    except (ValueError, FileNotFoundError) as e:
+        result = evaluate(a.run, depths, a.windows, a.device)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from e
     out = a.out or a.run[0]
     os.makedirs(out, exist_ok=True)

@@ -306,6 +306,78 @@ def load_tokenizer(path: str):
 
 
 # ----------------------------------------------------------------------------------------------
+# trained runs: a run folder holds config.json (the training settings) and checkpoint.safetensors
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def precision(device: torch.device):
+    """(base dtype, autocast): bf16 base + bf16 autocast on GPUs (trainable tensors stay fp32
+    masters); plain fp32 on the CPU, whose bf16 matmuls are far slower here."""
+    half = device.type in ("cuda", "mps")
+    return (torch.bfloat16 if half else torch.float32), torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_checkpoint(path, model, opt=None):
+    """Restore trainable tensors (and AdamW state); returns the step it was saved at."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: that run has not saved a checkpoint (it saves at every --eval-interval)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            step = int(f.metadata()["step"])
+        tensors = load_file(path)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}; it is corrupt, or not one of ours") from e
+    params = trainable(model)
+    names = {k[len("model."):] for k in tensors if k.startswith("model.")}
+    if names != set(params):
+        raise CheckpointError(f"{path} holds {sorted(names ^ set(params))[:4]}... that do not fit this model: "
+                              "train with the same --variant / --no-gate / --rank as the run that saved it")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"model.{n}"])
+    if opt is not None:
+        for n, p in params.items():
+            state = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+            if state:
+                opt.state[p] = state
+    return step
+
+
+def run_config(run: str) -> dict:
+    """The settings a run was trained with (train.py's TrainConfig, as written to config.json)."""
+    file = os.path.join(run, "config.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file} not found: --run takes a folder written by train.py")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); it was not written by train.py") from e
+
+
+def load_run(run: str, dtype=torch.float32, device="cpu"):
+    """(model, settings) of a trained run: the pruned base with the run's controller, gate and norms."""
+    cfg = run_config(run)
+    model = load_ouroboros(cfg["model"], cfg["prelude"], cfg["recurrent"], cfg["coda"], cfg["rank"], cfg["alpha"],
+                           cfg["variant"], cfg["gate"], cfg["pool"], dtype=dtype, device=device)
+    load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
+    return model.eval(), cfg
+
+
+# ----------------------------------------------------------------------------------------------
 # a first look
 
 def main():

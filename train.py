@@ -11,145 +11,24 @@ fp32 masters under bf16 autocast, warmup and cosine decay count optimiser steps,
 split (by document) is never trained on.
 """
 import argparse
-import glob
-import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
-import sysconfig
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from load_qwen import default_model, load_config, load_ouroboros, load_tokenizer
+from data import CACHE, ROOT, Windows, eos_id, load_splits
+from load_qwen import (default_model, load_checkpoint, load_config, load_ouroboros, load_tokenizer, pick_device,
+                       precision, trainable)
 from controller import TARGETS
 from model import Ouroboros, OuroborosConfig, Transformer, projection
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.path.join(ROOT, "cache")
-PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.rst.txt"
-
-
-# ----------------------------------------------------------------------------------------------
-# data: documents -> held-out split by document -> token ids on disk -> windows of seq_len + 1
-
-def find_files(sources):
-    """Files from paths, folders and globs (.txt .md .rst .jsonl); default: the Python docs."""
-    if not sources:
-        files = sorted(glob.glob(PYTHON_DOCS, recursive=True))
-        if files:
-            return files
-        stdlib = sysconfig.get_paths()["stdlib"]
-        print(f"Python docs not found at {PYTHON_DOCS} (apt-get install python3.11-doc); "
-              f"using the standard library's sources in {stdlib} instead")
-        return sorted(f for f in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)
-                      if "site-packages" not in f)
-    files = []
-    for src in sources:
-        if os.path.isdir(src):
-            found = [f for f in glob.glob(os.path.join(src, "**", "*"), recursive=True)
-                     if f.endswith((".txt", ".md", ".rst", ".jsonl"))]
-        else:
-            found = glob.glob(src, recursive=True)
-        if not found:
-            raise FileNotFoundError(f"--data {src!r} matches no files")
-        files += sorted(found)
-    return files
-
-
-def read_documents(files):
-    """[(name, text)]: a text file is one document, a .jsonl line with a "text" field is one."""
-    docs = []
-    for f in files:
-        if f.endswith(".jsonl"):
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
-                    if line.strip():
-                        try:
-                            docs.append((f"{f}:{i + 1}", json.loads(line)["text"]))
-                        except (json.JSONDecodeError, KeyError, TypeError) as e:
-                            raise ValueError(f"{f} line {i + 1}: needs a JSON object with a \"text\" "
-                                             f"field ({e!r})") from e
-        else:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                docs.append((f, fh.read()))
-    return [(n, t) for n, t in docs if t.strip()]
-
-
-def is_held_out(text: str, fraction: float) -> bool:
-    """A document's side depends on its text alone: the same on every machine wherever the corpus
-    lies, stable as the corpus grows, and copies of one document never straddle the split."""
-    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) < fraction * 2**32
-
-
-def tokenize(docs, tokenizer, eos: int) -> np.ndarray:
-    """One stream of token ids, EOS after every document."""
-    ids = []
-    for enc in tokenizer.encode_batch([t for _, t in docs], add_special_tokens=False):
-        ids += enc.ids + [eos]
-    return np.array(ids, dtype=np.uint32)
-
-
-def eos_id(model_dir) -> int:
-    eos = load_config(model_dir).eos_token_id
-    if eos is None:
-        raise ValueError(f"{model_dir}/config.json has no eos_token_id to separate documents with")
-    return eos[0] if isinstance(eos, list) else eos
-
-
-def load_splits(sources, model_dir, held_out: float, tokenizer, eos: int, cache=None):
-    """(train, held_out) token streams, cached on disk under a key of the files, tokenizer and split."""
-    files = find_files(sources)
-    key = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files]
-    key += [held_out, "split by sha1 of the text", eos, os.path.getsize(os.path.join(model_dir, "tokenizer.json"))]
-    folder = os.path.join(cache or CACHE, "tokens", hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16])
-    paths = [os.path.join(folder, f"{side}.npy") for side in ("train", "held_out")]
-    if not all(os.path.isfile(p) for p in paths):
-        docs = read_documents(files)
-        held = [is_held_out(text, held_out) for _, text in docs]
-        sides = [[d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]]
-        if not sides[0] or not sides[1]:
-            raise ValueError(f"{len(docs)} documents cannot be split into train and held-out at {held_out:.0%}; "
-                             "give more documents or change --held-out")
-        os.makedirs(folder, exist_ok=True)
-        for p, side in zip(paths, sides):
-            tmp = p + f".tmp{os.getpid()}.npy"
-            np.save(tmp, tokenize(side, tokenizer, eos))
-            os.replace(tmp, p)  # atomic: a killed run never leaves a half-written cache
-        print(f"tokenised {len(docs)} documents ({len(sides[1])} held out) into {folder}")
-    return [np.load(p, mmap_mode="r") for p in paths]
-
-
-class Windows:
-    """Windows of seq_len + 1 tokens at stride seq_len: inputs = w[:-1], labels = w[1:]. The labels
-    are already the next tokens, so the loss must not shift them again (the authors' code did)."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
-        self.n = (len(tokens) - 1) // seq_len
-        if self.n < 1:
-            raise ValueError(f"{len(tokens)} tokens do not fill one window of {seq_len + 1}; use a shorter --seq-len")
-
-    def batch(self, indices, device="cpu"):
-        w = torch.from_numpy(np.stack([self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
-                                       for i in indices]).astype(np.int64))
-        if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
-            w = w.pin_memory()
-        return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
-
-    def order(self, seed: int, epoch: int):
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-    def spread(self, count: int):
-        """`count` fixed windows spread over the whole stream: the evaluation set."""
-        return np.linspace(0, self.n - 1, min(count, self.n)).astype(int).tolist()
-
 
 # ----------------------------------------------------------------------------------------------
 # configuration
@@ -291,10 +170,7 @@ def dry_run(cfg: TrainConfig, model_dir: str):
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints: trainable tensors and AdamW moments in one safetensors file, replaced atomically
-
-def trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
+# (load_qwen.load_checkpoint reads them back)
 
 def save_checkpoint(path, model, opt, step, cfg):
     tensors = {f"model.{n}": p.detach().cpu() for n, p in trainable(model).items()}
@@ -306,52 +182,8 @@ def save_checkpoint(path, model, opt, step, cfg):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, model, opt=None):
-    """Restore trainable tensors (and AdamW state); returns the step it was saved at."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} not found: that run has not saved a checkpoint (it saves at every --eval-interval)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            step = int(f.metadata()["step"])
-        tensors = load_file(path)
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {e}; it is corrupt, or not one of ours") from e
-    params = trainable(model)
-    names = {k[len("model."):] for k in tensors if k.startswith("model.")}
-    if names != set(params):
-        raise SystemExit(f"{path} holds {sorted(names ^ set(params))[:4]}... that do not fit this model: "
-                         "train with the same --variant / --no-gate / --rank as the run that saved it")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"model.{n}"])
-    if opt is not None:
-        for n, p in params.items():
-            state = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
-            if state:
-                opt.state[p] = state
-    return step
-
-
 # ----------------------------------------------------------------------------------------------
 # training
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def precision(device: torch.device):
-    """(base dtype, autocast): bf16 base + bf16 autocast on GPUs (trainable tensors stay fp32
-    masters); plain fp32 on the CPU, whose bf16 matmuls are far slower here."""
-    half = device.type in ("cuda", "mps")
-    return (torch.bfloat16 if half else torch.float32), torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
-
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * lr; counted in optimiser steps."""
@@ -480,7 +312,6 @@ def train(cfg: TrainConfig, resume: bool = False):
     if ddp:
         dist.destroy_process_group()
     log(f"trained {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
-    return model, device
 
 
 def main(argv=None):
@@ -489,12 +320,12 @@ def main(argv=None):
         if dry:
             dry_run(cfg, cfg.model or default_model(CACHE))
             return
-        model, device = train(cfg, resume)
+        train(cfg, resume)
     except (ValueError, FileNotFoundError) as e:  # bad splits, files, checkpoints: one line, no traceback
         raise SystemExit(f"error: {e}") from e
-    if cfg.final_eval and "RANK" not in os.environ:
-        import eval as evaluation
-        evaluation.main(["--run", cfg.out], model=model)
+    if cfg.final_eval and "RANK" not in os.environ:  # eval.py is its own program: train.py never imports it
+        sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out,
+                                 "--device", cfg.device]).returncode)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import data
 import eval as evaluation
 import train
 from conftest import make_corpus, make_model_folder
-from load_qwen import load_model, load_ouroboros, load_tokenizer
+from load_qwen import CheckpointError, load_checkpoint, load_model, load_ouroboros, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def private_cache(setup, monkeypatch):
-    monkeypatch.setattr(train, "CACHE", setup[2])
+    monkeypatch.setattr(data, "CACHE", setup[2])
 
 
 def args(setup, out, *extra):
@@ -41,7 +42,7 @@ def args(setup, out, *extra):
 
 
 def test_windows_give_next_token_labels():
-    w = train.Windows(np.arange(100, dtype=np.uint32), seq_len=10)
+    w = data.Windows(np.arange(100, dtype=np.uint32), seq_len=10)
     assert w.n == 9
     x, y = w.batch([0, 3])
     assert torch.equal(x[0], torch.arange(10)) and torch.equal(y[0], torch.arange(1, 11))
@@ -54,7 +55,7 @@ def test_loss_is_shifted_exactly_once(setup):
     already-shifted labels again and trained on t+2; this test fails for that mistake."""
     model = load_ouroboros(setup[0], 1, 2, 1, rank=8)
     tokens = np.random.default_rng(0).integers(0, 264, 200).astype(np.uint32)
-    x, y = train.Windows(tokens, 32).batch([0, 1])
+    x, y = data.Windows(tokens, 32).batch([0, 1])
     with torch.no_grad():
         loss = model(x, depth=2, labels=y)  # what the training loop computes
         logits = model(x, depth=2)
@@ -69,30 +70,30 @@ def test_loss_is_shifted_exactly_once(setup):
 def test_held_out_split_is_by_document_and_disjoint(setup, tmp_path):
     model, corpus, cache = setup
     tok = load_tokenizer(model)
-    tr, ho = train.load_splits([corpus], model, 0.2, tok, 2, cache)
+    tr, ho = data.load_splits([corpus], model, 0.2, tok, 2, cache)
     text = [tok.decode(s.astype(np.int64).tolist()) for s in (tr, ho)]
     markers = [{w[:6] for w in t.split() if w.startswith("DOC")} for t in text]
     assert markers[0] and markers[1]
     assert not markers[0] & markers[1]                 # no document on both sides
     assert markers[0] | markers[1] == {f"DOC{i:03d}" for i in range(30)}  # and none lost
     assert (tr == 2).sum() == len(markers[0])          # one EOS after every document
-    again = train.load_splits([corpus], model, 0.2, tok, 2, cache)  # cached, same split
+    again = data.load_splits([corpus], model, 0.2, tok, 2, cache)  # cached, same split
     assert np.array_equal(again[1], ho)
-    docs = train.read_documents(train.find_files([corpus]))
-    assert markers[1] == {t[:6] for _, t in docs if train.is_held_out(t, 0.2)}
+    docs = data.read_documents(data.find_files([corpus]))
+    assert markers[1] == {t[:6] for _, t in docs if data.is_held_out(t, 0.2)}
     moved = shutil.copytree(corpus, tmp_path / "elsewhere")  # the same split wherever the corpus lies
-    assert np.array_equal(train.load_splits([str(moved)], model, 0.2, tok, 2, str(tmp_path / "c"))[1], ho)
+    assert np.array_equal(data.load_splits([str(moved)], model, 0.2, tok, 2, str(tmp_path / "c"))[1], ho)
 
 
 def test_jsonl_documents_and_bad_sources(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
-    assert train.read_documents([str(f)]) == [(f"{f}:1", "one"), (f"{f}:3", "two")]
+    assert data.read_documents([str(f)]) == [(f"{f}:1", "one"), (f"{f}:3", "two")]
     f.write_text('{"body": "no text field"}\n')
     with pytest.raises(ValueError, match="line 1: needs a JSON object with a \"text\" field"):
-        train.read_documents([str(f)])
+        data.read_documents([str(f)])
     with pytest.raises(FileNotFoundError, match="matches no files"):
-        train.find_files([str(tmp_path / "nothing*.txt")])
+        data.find_files([str(tmp_path / "nothing*.txt")])
 
 
 def test_lr_schedule_warms_up_then_decays_per_optimiser_step():
@@ -139,12 +140,12 @@ def test_checkpoint_from_another_variant_is_refused(setup, tmp_path):
     out = str(tmp_path / "run")
     train.main(args(setup, out, "--steps", "2"))
     model = load_ouroboros(setup[0], 1, 2, 1, rank=8, variant="static")
-    with pytest.raises(SystemExit, match="same --variant"):
-        train.load_checkpoint(os.path.join(out, "checkpoint.safetensors"), model)
+    with pytest.raises(CheckpointError, match="same --variant"):
+        load_checkpoint(os.path.join(out, "checkpoint.safetensors"), model)
     ckpt = os.path.join(out, "checkpoint.safetensors")
     open(ckpt, "wb").write(b"broken")
-    with pytest.raises(SystemExit, match="corrupt"):
-        train.load_checkpoint(ckpt, model)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(ckpt, model)
 
 
 def logged_losses(text):
@@ -159,7 +160,7 @@ def test_ddp_on_two_processes_matches_one_process(setup, tmp_path, capsys):
     train.main(args(setup, single, "--batch-size", "4", "--steps", "4", "--lr", "1e-2"))
     want = logged_losses(capsys.readouterr().out)
     script = tmp_path / "run_ddp.py"  # train.main with the test's private token cache
-    script.write_text("import sys, train\ntrain.CACHE = sys.argv[1]\ntrain.main(sys.argv[2:])\n")
+    script.write_text("import sys, data, train\ndata.CACHE = sys.argv[1]\ntrain.main(sys.argv[2:])\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            str(script), setup[2], *args(setup, ddp, "--batch-size", "2", "--steps", "4", "--lr", "1e-2")]
@@ -186,7 +187,7 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     ref = result["reference"]["held_out"]
     model, corpus, cache = setup  # the reference row, recomputed independently on the same windows
-    held = train.Windows(train.load_splits([corpus], model, 0.05, load_tokenizer(model), 2, cache)[1], 32)
+    held = data.Windows(data.load_splits([corpus], model, 0.05, load_tokenizer(model), 2, cache)[1], 32)
     x, y = held.batch(held.spread(4))
     with torch.no_grad():
         assert abs(load_model(model)(x, labels=y).item() - ref["full"]) < 1e-5
