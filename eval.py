@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from data import ROOT, Windows, eos_id, load_splits
-from load_qwen import load_model, load_run, load_tokenizer, pick_device, precision, run_config
+from load_qwen import cli, load_model, load_run, load_tokenizer, pick_device, precision, run_config
 
 SPLITS = ("train", "held_out")
 
@@ -42,10 +42,10 @@ def label(cfg: dict) -> str:
     return name + ("" if cfg["gate"] else ", no gate")
 
 
-def evaluate(runs, depths, windows, device_name="auto"):
+def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto"):
     """{"reference": {split: {"full", "pruned"}}, "runs": [{run, label, seed, split: {depth: loss}}]}."""
     device = pick_device(device_name)
-    dtype, autocast = precision(device)
+    dtype, autocast = precision(device, precision_mode)
     cfgs = [run_config(run) for run in runs]
     shared = ("model", "data", "held_out", "seq_len", "prelude", "recurrent", "coda")
     if any([c[k] for k in shared] != [cfgs[0][k] for k in shared] for c in cfgs[1:]):
@@ -134,6 +134,7 @@ def plot(result, file):
     return file
 
 
+@cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", nargs="+", required=True, help="run folder(s) written by train.py")
@@ -141,14 +142,22 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=16, help="windows per split")
     p.add_argument("--out", default=None, help="folder for results.json/.md/.png (default: the first run's)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16: bf16 base + autocast (auto: on GPUs, fp32 on the CPU)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     a = p.parse_args(argv)
     device = pick_device(a.device)
-    depths = [int(d) for d in a.depths.split(",")] if a.depths else [1, 4, 8] + [16] * (device.type == "cuda")
-    try:
-        result = evaluate(a.run, depths, a.windows, a.device)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        raise SystemExit(f"error: {e}") from e
+    depths = [1, 4, 8] + [16] * (device.type == "cuda")
+    problems = [f"--windows {a.windows} must be at least 1"] * (a.windows < 1)
+    if a.depths:  # refused before anything is loaded
+        try:
+            depths = [int(d) for d in a.depths.split(",")]
+            problems += [f"--depths {a.depths!r}: each depth must be in 1..64"] * (not all(1 <= d <= 64 for d in depths))
+        except ValueError:
+            problems.append(f"--depths {a.depths!r}: give comma-separated integers, e.g. 1,4,8")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+    result = evaluate(a.run, depths, a.windows, a.device, a.precision)
     out = a.out or a.run[0]
     os.makedirs(out, exist_ok=True)
     table = markdown(result)

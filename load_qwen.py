@@ -3,19 +3,34 @@
     python load_qwen.py DIR --prompt "The capital of France is"
 """
 import argparse
+import functools
 import json
 import os
+import sys
 import time
 
 import torch
 from safetensors import safe_open
 
-from controller import svd_bases
-from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, generate
+from controller import TARGETS, svd_bases
+from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, generate, projection
 
 
 class CheckpointError(ValueError):
     """A model folder that cannot be loaded faithfully; the message names the file and the fix."""
+
+
+def cli(main):
+    """Wrap a command line's main: bad input ends in one line and exit status 1. Bad input is what
+    this project raises for it: ValueError (CheckpointError is one) for a value or a file's content it
+    refuses, OSError for a file it cannot read or write. Anything else is a bug: it keeps its traceback."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -26,47 +41,72 @@ def load_config(path: str) -> Qwen2Config:
     if not os.path.isfile(file):
         raise CheckpointError(f"{file} not found: point --model at an HF-format model folder")
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             raw = json.load(f)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # bad JSON or bad UTF-8
         raise CheckpointError(f"{file} is not valid JSON ({e}); restore it from the original model") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object; restore it from the original model")
 
     def refuse(what):
         raise CheckpointError(f"{file}: {what}; this implementation would not compute the same function, "
                               "so it refuses to load it")
 
-    mtype = raw.get("model_type")
+    def get(key, kinds, default=None, most=None):
+        """raw[key] if it has one of the types `kinds` (and is in 1..most); `default` when absent (... = required).
+        The bounds are far above any real model, and keep a damaged file from sizing lists and tensors."""
+        v = raw.get(key)
+        if v is None:
+            if default is ...:
+                raise CheckpointError(f"{file}: {key} is missing; restore it from the original model")
+            return default
+        if (isinstance(v, bool) and bool not in kinds) or not isinstance(v, kinds) or (most and not 1 <= v <= most):
+            raise CheckpointError(f"{file}: {key} = {v!r}, expected {' or '.join(k.__name__ for k in kinds)}"
+                                  f"{f' in 1..{most}' if most else ''}; restore it from the original model")
+        return v
+
+    def token_ids(key):
+        v = get(key, (int, list))
+        if isinstance(v, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise CheckpointError(f"{file}: {key} = {v!r} is not a token id or a list of them")
+        return v
+
+    mtype = get("model_type", (str,), ...)
     if mtype not in ("qwen2", "llama"):
         refuse(f"model_type {mtype!r} is not supported (only 'qwen2' and 'llama')")
-    if raw.get("hidden_act", "silu") != "silu":
+    if get("hidden_act", (str,), "silu") != "silu":
         refuse(f"hidden_act {raw['hidden_act']!r} (only 'silu')")
-    if raw.get("mlp_bias"):
+    if get("mlp_bias", (bool,)):
         refuse("mlp_bias=true")
     # transformers < 5 writes rope_theta / rope_scaling; transformers 5 writes rope_parameters.
-    rope = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling")
-    for r in (rope, scaling or {}):
+    rope = get("rope_parameters", (dict,), {})
+    for r in (rope, get("rope_scaling", (dict,), {})):
         if r.get("rope_type", r.get("type", "default")) != "default":
             refuse(f"RoPE scaling {r} (only plain RoPE)")
-    if mtype == "qwen2" and raw.get("use_sliding_window"):
-        window = raw.get("sliding_window") or 0
-        max_window_layers = raw.get("max_window_layers", 0)
-        if window < raw.get("max_position_embeddings", 0) and max_window_layers < raw["num_hidden_layers"]:
+    if mtype == "qwen2" and get("use_sliding_window", (bool,)):
+        window = get("sliding_window", (int,), 0)
+        max_window_layers = get("max_window_layers", (int,), 0)
+        if window < get("max_position_embeddings", (int,), 0) and max_window_layers < get("num_hidden_layers", (int,), 0):
             refuse(f"sliding-window attention in use (window {window} on layers >= {max_window_layers})")
 
-    hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+    size = 2**20
+    hidden, heads = get("hidden_size", (int,), ..., size), get("num_attention_heads", (int,), ..., size)
+    theta = rope.get("rope_theta", raw.get("rope_theta"))
+    if not isinstance(theta, (int, float, type(None))) or isinstance(theta, bool):
+        raise CheckpointError(f"{file}: rope_theta = {theta!r} is not a number; restore it from the original model")
     return Qwen2Config(
-        vocab_size=raw["vocab_size"], hidden_size=hidden, intermediate_size=raw["intermediate_size"],
-        num_hidden_layers=raw["num_hidden_layers"], num_attention_heads=heads,
-        num_key_value_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or hidden // heads,
-        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        max_position_embeddings=raw.get("max_position_embeddings", 32768),
-        attention_bias=True if mtype == "qwen2" else bool(raw.get("attention_bias", False)),
-        o_proj_bias=mtype == "llama" and bool(raw.get("attention_bias", False)),
-        bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"))
+        vocab_size=get("vocab_size", (int,), ..., 2**24), hidden_size=hidden,
+        intermediate_size=get("intermediate_size", (int,), ..., size),
+        num_hidden_layers=get("num_hidden_layers", (int,), ..., 1024), num_attention_heads=heads,
+        num_key_value_heads=get("num_key_value_heads", (int,), heads, size),
+        head_dim=get("head_dim", (int,), hidden // heads, size),
+        rope_theta=float(10000.0 if theta is None else theta),
+        rms_norm_eps=get("rms_norm_eps", (int, float), 1e-6),
+        tie_word_embeddings=get("tie_word_embeddings", (bool,), False),
+        max_position_embeddings=get("max_position_embeddings", (int,), 32768, 2**40),
+        attention_bias=True if mtype == "qwen2" else get("attention_bias", (bool,), False),
+        o_proj_bias=mtype == "llama" and get("attention_bias", (bool,), False),
+        bos_token_id=token_ids("bos_token_id"), eos_token_id=token_ids("eos_token_id"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,8 +118,13 @@ class Weights:
     def __init__(self, path: str):
         single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+                if not all(isinstance(s, str) for s in weight_map.values()):
+                    raise TypeError("a shard name is not a string")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a safetensors index ({e!r}); restore it from the original model") from e
             missing = sorted({os.path.join(path, s) for s in weight_map.values()
                               if not os.path.isfile(os.path.join(path, s))})
             if missing:
@@ -132,6 +177,10 @@ def open_weights(path: str, cfg: Qwen2Config, layers) -> Weights:
     if bad:
         raise CheckpointError(f"layers {bad} do not exist: {path} has {cfg.num_hidden_layers} layers")
     weights = Weights(path)
+    stored = {n.split(".")[2] for n in weights.file_of if n.startswith("model.layers.")}
+    if len(stored) != cfg.num_hidden_layers:  # before a model of that many layers is built, even on meta
+        raise CheckpointError(f"{os.path.join(path, 'config.json')} says {cfg.num_hidden_layers} layers, "
+                              f"{weights.source} holds {len(stored)}; use the config.json that belongs to these weights")
     want = expected_shapes(cfg, layers)
     on_disk = set(weights.file_of)
     # Tied checkpoints sometimes also store lm_head.weight; it is the embedding, so it is ignored.
@@ -196,6 +245,46 @@ def load_ouroboros(path: str, prelude: int, recurrent: int, coda: int, rank: int
     base = load_model(path, dtype, device, layers=pre + [r] + post)
     bases = None if variant == "none" else residual_bases(path, oc, dtype, device)
     return Ouroboros(base, oc, bases)
+
+
+def parameter_table(model: Ouroboros, base_dtype=torch.bfloat16) -> str:
+    rows = {}
+    kind = {i: "prelude" for i in model.prelude_ids} | {i: "coda" for i in model.coda_ids}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "base" and parts[1] == "layers":
+            group = kind.get(int(parts[2]), "recurrent layer")
+            group = "SVD bases A, B" if parts[-1] in ("A", "B") else group
+        elif parts[0] == "base":
+            group = {"embed_tokens": "embedding (tied lm_head)" if model.base.config.tie_word_embeddings
+                     else "embedding", "norm": "final norm", "lm_head": "lm_head"}[parts[1]]
+        else:
+            group = {"diagonals": model.config.variant, "gate": "gate", "step_norm": "step norms"}[parts[0]]
+        frozen, trainable = rows.get(group, (0, 0))
+        rows[group] = (frozen + p.numel() * (not p.requires_grad), trainable + p.numel() * p.requires_grad)
+    lines = [f"{'module':<26}{'frozen':>15}{'trainable':>15}"]
+    lines += [f"{g:<26}{f:>15,}{t:>15,}" for g, (f, t) in rows.items()]
+    frozen, trainable = (sum(r[i] for r in rows.values()) for i in (0, 1))
+    lines.append(f"{'total':<26}{frozen:>15,}{trainable:>15,}")
+    size = torch.finfo(base_dtype).bits // 8
+    lines.append(f"weights: {frozen * size / 2**30:.2f} GiB frozen ({base_dtype}) + "
+                 f"{trainable * 4 / 2**20:.1f} MiB trainable fp32 (+ {trainable * 12 / 2**20:.1f} MiB grads and AdamW moments)")
+    return "\n".join(lines)
+
+
+def describe(path: str, oc: OuroborosConfig) -> str:
+    """The layer split and parameter table of the recursive model, from config.json alone (meta device)."""
+    config = load_config(path)
+    pre, r, post, removed = oc.split(config.num_hidden_layers)
+    with torch.device("meta"):
+        base = Transformer(config, pre + [r] + post)
+        linears = {t: getattr(*projection(base.layers[str(r)], t)) for t in TARGETS}
+        bases = {t: (torch.empty(oc.rank, lin.in_features), torch.empty(lin.out_features, oc.rank))
+                 for t, lin in linears.items()}
+        model = Ouroboros(base, oc, bases if oc.variant != "none" else None)
+    return (f"{path}: {config.num_hidden_layers} layers, d={config.hidden_size}; prelude {pre[0] if pre else '-'}"
+            f"..{pre[-1] if pre else '-'}, recurrent {r}, coda {post[0] if post else '-'}..{post[-1] if post else '-'}, "
+            f"{len(removed)} removed\n" + parameter_table(model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +391,15 @@ def load_tokenizer(path: str):
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{file} not found: the model folder needs its tokenizer.json")
-    return Tokenizer.from_file(file)
+    try:
+        tok = Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a plain Exception for a malformed file
+        raise CheckpointError(f"cannot read {file}: {e}; restore it from the original model") from e
+    vocab = load_config(path).vocab_size
+    if tok.get_vocab_size() > vocab:  # its ids would index past the embedding
+        raise CheckpointError(f"{file} has {tok.get_vocab_size()} tokens, more than the model's vocab_size {vocab}: "
+                              "it belongs to another model")
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,10 +415,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def precision(device: torch.device):
-    """(base dtype, autocast): bf16 base + bf16 autocast on GPUs (trainable tensors stay fp32
-    masters); plain fp32 on the CPU, whose bf16 matmuls are far slower here."""
-    half = device.type in ("cuda", "mps")
+def precision(device: torch.device, mode: str = "auto"):
+    """(base dtype, autocast). auto: bf16 base + bf16 autocast on GPUs, plain fp32 on the CPU, whose
+    bf16 matmuls are far slower here; bf16 takes the GPU path on any device (the tests run it on the
+    CPU). The trainable tensors stay fp32 masters either way."""
+    if mode not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {mode!r}: choose auto, fp32 or bf16")
+    half = mode == "bf16" or (mode == "auto" and device.type in ("cuda", "mps"))
     return (torch.bfloat16 if half else torch.float32), torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
 
 
@@ -333,18 +433,29 @@ def load_checkpoint(path, model, opt=None):
     """Restore trainable tensors (and AdamW state); returns the step it was saved at."""
     from safetensors.torch import load_file
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} not found: that run has not saved a checkpoint (it saves at every --eval-interval)")
+        raise CheckpointError(f"{path} not found: that run has not saved a checkpoint (it saves at every --save-interval)")
     try:
         with safe_open(path, framework="pt") as f:
             step = int(f.metadata()["step"])
         tensors = load_file(path)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}; it is corrupt, or not one of ours") from e
+        if step < 0:
+            raise ValueError(f"step {step}")
+    except Exception as e:  # safetensors' own error type, a missing or bad step
+        raise CheckpointError(f"cannot read checkpoint {path}: {e!r}; it is corrupt, or not one of ours") from e
     params = trainable(model)
     names = {k[len("model."):] for k in tensors if k.startswith("model.")}
     if names != set(params):
         raise CheckpointError(f"{path} holds {sorted(names ^ set(params))[:4]}... that do not fit this model: "
                               "train with the same --variant / --no-gate / --rank as the run that saved it")
+    # Every tensor must be one a run writes, of its shape, and finite (train.py never saves a NaN).
+    want = {f"model.{n}": p.shape for n, p in params.items()}
+    want |= {f"optim.{n}.{k}": s for n, p in params.items() for k, s in
+             (("step", ()), ("exp_avg", p.shape), ("exp_avg_sq", p.shape))}
+    bad = [f"{k} {tuple(t.shape)} {t.dtype}" for k, t in tensors.items()
+           if k not in want or t.shape != want[k] or not t.is_floating_point() or not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} unexpected, "
+                              "of the wrong shape or not finite; it is corrupt, or not one of ours")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"model.{n}"])
@@ -380,24 +491,25 @@ def load_run(run: str, dtype=torch.float32, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 # a first look
 
-def main():
+@cli
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="HF-format model folder")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-new-tokens", type=int, default=20)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     cfg = load_config(args.model)
     print(cfg)
+    tok = load_tokenizer(args.model)  # the small files first: a missing one is named before the weights load
     t0 = time.time()
     model = load_model(args.model)
     n = sum(p.numel() for p in model.parameters())
     print(f"{n:,} parameters, loaded in {time.time() - t0:.1f}s")
-    tok = load_tokenizer(args.model)
     ids = torch.tensor([tok.encode(args.prompt).ids])
     out = generate(model, ids, args.max_new_tokens, cfg.eos_token_id)
     print(repr(tok.decode(out[0].tolist())))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -8,16 +8,18 @@
 Everything base-model is frozen. Fixes over the authors' code: labels are shifted exactly once
 (the loss does not shift again), the controller pools causally by default, trainable weights are
 fp32 masters under bf16 autocast, warmup and cosine decay count optimiser steps, and a held-out
-split (by document) is never trained on.
+split (by document) is never trained on. Good work is never lost: a non-finite update is skipped,
+SIGTERM / SIGINT save before exiting, and a failed save leaves the previous checkpoint as it was.
 """
 import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,10 +27,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from data import CACHE, ROOT, Windows, eos_id, load_splits
-from load_qwen import (default_model, load_checkpoint, load_config, load_ouroboros, load_tokenizer, pick_device,
-                       precision, trainable)
-from controller import TARGETS
-from model import Ouroboros, OuroborosConfig, Transformer, projection
+from load_qwen import (cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, load_tokenizer,
+                       pick_device, precision, trainable)
+from model import OuroborosConfig
 
 # ----------------------------------------------------------------------------------------------
 # configuration
@@ -53,19 +54,26 @@ class TrainConfig:
     steps: int = 80                 # optimiser steps (CPU default: ~10 min on 2 cores)
     lr: float = 3e-3                # paper: 3e-4 over 300K steps; 10x for a run 4000x shorter
     min_lr_ratio: float = 0.1
-    warmup: int = 10
+    warmup: int | None = None       # None: min(10, steps // 8), so a short run has room to decay
     weight_decay: float = 0.01
     beta2: float = 0.95
     clip: float = 1.0
     held_out: float = 0.05          # fraction of documents held out
     eval_interval: int = 20
+    save_interval: int = 20         # also saved at the end and on SIGTERM / SIGINT
     eval_windows: int = 16
     log_interval: int = 5
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"         # auto: bf16 base + autocast on GPUs, fp32 on the CPU
     compile: bool = False
     checkpoint_steps: bool = False  # activation checkpointing per recurrent step
     final_eval: bool = True
+
+    def __post_init__(self):
+        if self.warmup is None:
+            self.warmup = max(0, min(10, self.steps // 8))
+        self.out = self.out or os.path.join(ROOT, "runs", f"{self.variant}-{self.pool}{'' if self.gate else '-nogate'}-s{self.seed}")
 
 
 def parse_args(argv=None):
@@ -75,15 +83,18 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="*", default=[], help="text files, folders, globs, .jsonl (default: Python docs)")
     p.add_argument("--out", default=d.out)
     for name in ("prelude", "recurrent", "coda", "rank", "seq_len", "batch_size", "grad_accum", "steps",
-                 "warmup", "eval_interval", "eval_windows", "log_interval", "seed"):
+                 "eval_interval", "save_interval", "eval_windows", "log_interval", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("alpha", "lr", "min_lr_ratio", "weight_decay", "beta2", "clip", "held_out"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--warmup", type=int, default=None, help="LR warmup steps (default: min(10, steps // 8))")
     p.add_argument("--variant", choices=["controller", "static", "none"], default=d.variant)
     p.add_argument("--no-gate", dest="gate", action="store_false")
     p.add_argument("--pool", choices=["causal", "mean"], default=d.pool)
     p.add_argument("--depths", default=d.depths, help="comma-separated recurrent depths, one drawn per batch")
     p.add_argument("--device", default=d.device, help="auto (cuda, mps, cpu) or a torch device")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+                   help="bf16: bf16 base + autocast, fp32 masters (auto: on GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the recurrent step")
     p.add_argument("--checkpoint-steps", action="store_true", help="recompute each recurrent step in backward")
     p.add_argument("--no-final-eval", dest="final_eval", action="store_false")
@@ -95,77 +106,32 @@ def parse_args(argv=None):
     return cfg, a.resume, a.dry_run
 
 
-def check(cfg: TrainConfig):
-    """Impossible settings, all reported at once, before anything is loaded or written."""
-    problems = [f"--{n.replace('_', '-')} must be at least 1" for n in
-                ("seq_len", "batch_size", "grad_accum", "steps", "eval_interval", "eval_windows", "log_interval", "rank")
-                if getattr(cfg, n) < 1]
+def check(cfg: TrainConfig, resume: bool) -> list:
+    """Settings that can only fail, all at once, before anything is loaded or written; -> the depths."""
+    problems = [f"--{n.replace('_', '-')} must be at least 1" for n in ("seq_len", "batch_size", "grad_accum", "steps",
+                "eval_interval", "save_interval", "eval_windows", "log_interval", "rank") if getattr(cfg, n) < 1]
     if not 0 <= cfg.warmup < max(cfg.steps, 1):
         problems.append(f"--warmup {cfg.warmup} must be in 0..{cfg.steps - 1} (below --steps)")
     if not 0 < cfg.held_out < 1:
         problems.append(f"--held-out {cfg.held_out} must be a fraction between 0 and 1")
-    if cfg.lr <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
+    if not cfg.lr > 0 or not 0 <= cfg.min_lr_ratio <= 1:
         problems.append("--lr must be positive and --min-lr-ratio in 0..1")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
-
-
-def depth_list(cfg: TrainConfig):
     try:
         depths = [int(x) for x in cfg.depths.split(",")]
+        if not all(1 <= x <= 64 for x in depths):
+            problems.append(f"--depths {cfg.depths!r}: each depth must be in 1..64")
     except ValueError:
-        raise SystemExit(f"--depths {cfg.depths!r}: give comma-separated integers, e.g. 4,8,16")
-    if not all(1 <= x <= 64 for x in depths):
-        raise SystemExit(f"--depths {cfg.depths!r}: each depth must be in 1..64")
+        problems.append(f"--depths {cfg.depths!r}: give comma-separated integers, e.g. 4,8,16")
+    ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        problems.append(f"--out {cfg.out} is a file: name a folder for the run")
+    elif os.path.exists(ckpt) and not resume:
+        problems.append(f"{ckpt} exists: pass --resume to continue that run, or --out for a new one")
+    elif resume and not os.path.exists(ckpt):
+        problems.append(f"--resume: {cfg.out} holds no checkpoint to continue")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
     return depths
-
-
-def ouroboros_config(cfg: TrainConfig) -> OuroborosConfig:
-    return OuroborosConfig(cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha, cfg.variant, cfg.gate, cfg.pool)
-
-
-# ----------------------------------------------------------------------------------------------
-# --dry-run: the parameter table from config.json alone
-
-def parameter_table(model: Ouroboros, base_dtype=torch.bfloat16) -> str:
-    rows = {}
-    kind = {i: "prelude" for i in model.prelude_ids} | {i: "coda" for i in model.coda_ids}
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if parts[0] == "base" and parts[1] == "layers":
-            group = kind.get(int(parts[2]), "recurrent layer")
-            group = "SVD bases A, B" if parts[-1] in ("A", "B") else group
-        elif parts[0] == "base":
-            group = {"embed_tokens": "embedding (tied lm_head)" if model.base.config.tie_word_embeddings
-                     else "embedding", "norm": "final norm", "lm_head": "lm_head"}[parts[1]]
-        else:
-            group = {"diagonals": model.config.variant, "gate": "gate", "step_norm": "step norms"}[parts[0]]
-        frozen, trainable = rows.get(group, (0, 0))
-        rows[group] = (frozen + p.numel() * (not p.requires_grad), trainable + p.numel() * p.requires_grad)
-    lines = [f"{'module':<26}{'frozen':>15}{'trainable':>15}"]
-    lines += [f"{g:<26}{f:>15,}{t:>15,}" for g, (f, t) in rows.items()]
-    frozen, trainable = (sum(r[i] for r in rows.values()) for i in (0, 1))
-    lines.append(f"{'total':<26}{frozen:>15,}{trainable:>15,}")
-    size = torch.finfo(base_dtype).bits // 8
-    lines.append(f"weights: {frozen * size / 2**30:.2f} GiB frozen ({base_dtype}) + "
-                 f"{trainable * 4 / 2**20:.1f} MiB trainable fp32 (+ {trainable * 12 / 2**20:.1f} MiB grads and AdamW moments)")
-    return "\n".join(lines)
-
-
-def dry_run(cfg: TrainConfig, model_dir: str):
-    config = load_config(model_dir)
-    oc = ouroboros_config(cfg)
-    pre, r, post, removed = oc.split(config.num_hidden_layers)
-    with torch.device("meta"):
-        base = Transformer(config, pre + [r] + post)
-        linears = {t: getattr(*projection(base.layers[str(r)], t)) for t in TARGETS}
-        bases = {t: (torch.empty(oc.rank, lin.in_features), torch.empty(lin.out_features, oc.rank))
-                 for t, lin in linears.items()}
-        model = Ouroboros(base, oc, bases if oc.variant != "none" else None)
-    print(f"{model_dir}: {config.num_hidden_layers} layers, d={config.hidden_size}; prelude {pre[0] if pre else '-'}"
-          f"..{pre[-1] if pre else '-'}, recurrent {r}, coda {post[0] if post else '-'}..{post[-1] if post else '-'}, "
-          f"{len(removed)} removed")
-    print(parameter_table(model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,13 +139,40 @@ def dry_run(cfg: TrainConfig, model_dir: str):
 # (load_qwen.load_checkpoint reads them back)
 
 def save_checkpoint(path, model, opt, step, cfg):
+    """A failed write (a full disk) raises OSError and leaves the previous checkpoint as it was."""
     tensors = {f"model.{n}": p.detach().cpu() for n, p in trainable(model).items()}
     for n, p in trainable(model).items():
         for k, v in opt.state.get(p, {}).items():
             tensors[f"optim.{n}.{k}"] = v.detach().cpu().reshape(v.shape)
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:  # a finite update that overflowed: the non-finite guard in the loop cannot see it coming
+        raise ValueError(f"{bad[0]} is not finite after step {step}: the run diverged; lower --lr (now {cfg.lr:g}). "
+                         f"{path} was left as it was")
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"step": str(step), "config": json.dumps(asdict(cfg))})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata={"step": str(step), "config": json.dumps(asdict(cfg))})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def deferred_signals():
+    """SIGTERM (a cluster's preemption) and SIGINT are noted, not obeyed at once: the loop finishes its
+    optimiser step, saves and exits 128 + signal. A second one acts at once, as without this."""
+    caught = []
+
+    def note(signum, frame):
+        caught.append(signum)
+        signal.signal(signum, previous[signum])
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +208,7 @@ def held_out_loss(model, windows: Windows, depth: int, cfg: TrainConfig, device,
 
 
 def train(cfg: TrainConfig, resume: bool = False):
+    depths = check(cfg, resume)
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -227,18 +221,13 @@ def train(cfg: TrainConfig, resume: bool = False):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    check(cfg)
-    depths = depth_list(cfg)
     cfg.model = cfg.model or default_model(CACHE)
     context = load_config(cfg.model).max_position_embeddings
     if cfg.seq_len > context:
         raise SystemExit(f"error: --seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
-    cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-{cfg.pool}{'' if cfg.gate else '-nogate'}-s{cfg.seed}")
     ckpt_path = os.path.join(cfg.out, "checkpoint.safetensors")
-    if os.path.exists(ckpt_path) and not resume:
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or --out for a new one")
 
-    dtype, autocast = precision(device)
+    dtype, autocast = precision(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     model = load_ouroboros(cfg.model, cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha,
                            cfg.variant, cfg.gate, cfg.pool, dtype=dtype, device=device)
@@ -251,10 +240,11 @@ def train(cfg: TrainConfig, resume: bool = False):
         f"of {cfg.seq_len} tokens; {sum(p.numel() for p in trainable(model).values()):,} trainable parameters")
 
     opt = make_optimizer(model, cfg)
-    start = 0
+    start = saved = 0  # saved: the step the checkpoint on disk holds (0: none)
     if resume:
-        start = load_checkpoint(ckpt_path, model, opt)
+        start = saved = load_checkpoint(ckpt_path, model, opt)
         log(f"resumed {ckpt_path} at step {start}")
+    kept = lambda: f"{ckpt_path} holds step {saved}" if saved else f"no checkpoint in {cfg.out}"
     if master:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
@@ -265,67 +255,95 @@ def train(cfg: TrainConfig, resume: bool = False):
     per_step = cfg.batch_size * cfg.grad_accum * world  # sequences per optimiser step, all processes
     eval_depth = max(depths)
     model.train()
-    t0, tokens_seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
-    order_epoch = None
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            # The data order and the depth are functions of (seed, step, micro): resuming is exact.
-            first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
-            epoch, offset = divmod(first, train_w.n)
-            if epoch != order_epoch:  # a permutation per epoch, not per micro-step
-                order, order_epoch = train_w.order(cfg.seed, epoch), epoch
-            idx = [order[(offset + j) % train_w.n] for j in range(cfg.batch_size)]
-            x, y = train_w.batch(idx, device)
-            depth = depths[torch.randint(len(depths), (), generator=torch.Generator().manual_seed(
-                cfg.seed * 1_000_003 + step * 1009 + micro)).item()]
-            sync = not ddp or micro == cfg.grad_accum - 1
-            with autocast, (nullcontext() if sync else net.no_sync()):  # all-reduce once per step
-                loss = net(x, depth=depth, labels=y)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()  # no .item() here: no host-device sync in the hot loop
-        torch.nn.utils.clip_grad_norm_(trainable(model).values(), cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens_seen += per_step * cfg.seq_len
-        done = step + 1
-        line = None
-        if done % cfg.log_interval == 0 or done == cfg.steps:
+    t0, tokens_seen, loss_sum, logged = time.time(), 0, torch.zeros((), device=device), 0
+    order_epoch, skipped, in_a_row = None, 0, 0
+    with deferred_signals() as caught:
+        for step in range(start, cfg.steps):
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                # The data order and the depth are functions of (seed, step, micro): resuming is exact.
+                first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
+                epoch, offset = divmod(first, train_w.n)
+                if epoch != order_epoch:  # a permutation per epoch, not per micro-step
+                    order, order_epoch = train_w.order(cfg.seed, epoch), epoch
+                idx = [order[(offset + j) % train_w.n] for j in range(cfg.batch_size)]
+                x, y = train_w.batch(idx, device)
+                depth = depths[torch.randint(len(depths), (), generator=torch.Generator().manual_seed(
+                    cfg.seed * 1_000_003 + step * 1009 + micro)).item()]
+                sync = not ddp or micro == cfg.grad_accum - 1
+                with autocast, (nullcontext() if sync else net.no_sync()):  # all-reduce once per step
+                    loss = net(x, depth=depth, labels=y)
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.detach()  # no .item() here: no host-device sync per micro-step
+            norm = torch.nn.utils.clip_grad_norm_(trainable(model).values(), cfg.clip)
+            # One sync per step decides for every process alike: skip an update whose loss or gradient
+            # norm is not finite (the norm is all-reduced already, the loss is not), stop on a signal.
+            flags = torch.stack([(~torch.isfinite(norm + step_loss)).float(), torch.tensor(float(bool(caught)), device=device)])
             if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            elapsed = time.time() - t0
-            speed = tokens_seen / elapsed
-            eta = (cfg.steps - done) * per_step * cfg.seq_len / speed
-            line = (f"step {done:5d}/{cfg.steps}  loss {loss_sum.item() / (cfg.log_interval * cfg.grad_accum):.4f}  "
-                    f"lr {lr:.2e}  {speed:,.0f} tok/s  eta {eta / 60:.1f} min")
-            loss_sum.zero_()
-        if done % cfg.eval_interval == 0 or done == cfg.steps:
-            held = held_out_loss(model, held_w, eval_depth, cfg, device, autocast)
-            line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {eval_depth})"
-            if master:
-                save_checkpoint(ckpt_path, model, opt, done, cfg)
-        if line:
-            log(line, flush=True)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            skip, stop = flags.tolist()
+            done = step + 1
+            if skip:  # no optimiser step: the weights and AdamW's moments stay as they were
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                log(f"step {done:5d}/{cfg.steps}  update skipped: non-finite loss or gradient norm ({skipped} so far)")
+                if in_a_row == 3:
+                    raise SystemExit(f"error: steps {done - 2}..{done} all had a non-finite loss or gradient norm: the run "
+                                     f"diverged; lower --lr (now {cfg.lr:g}); {kept()}")
+            else:
+                opt.step()
+                in_a_row, logged, loss_sum = 0, logged + 1, loss_sum + step_loss
+            opt.zero_grad(set_to_none=True)
+            tokens_seen += per_step * cfg.seq_len
+            line = None
+            if done % cfg.log_interval == 0 or done == cfg.steps:
+                if ddp:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                speed = tokens_seen / (time.time() - t0)
+                eta = (cfg.steps - done) * per_step * cfg.seq_len / speed
+                mean = loss_sum.item() / (logged * cfg.grad_accum) if logged else math.nan  # skipped steps left out
+                line = (f"step {done:5d}/{cfg.steps}  loss {mean:.4f}  lr {lr:.2e}  {speed:,.0f} tok/s  "
+                        f"eta {eta / 60:.1f} min")
+                loss_sum, logged = loss_sum.zero_(), 0
+            if done % cfg.eval_interval == 0 or done == cfg.steps:
+                held = held_out_loss(model, held_w, eval_depth, cfg, device, autocast)
+                line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {eval_depth})"
+            if line:
+                log(line, flush=True)
+            # Saved only after a good update: weights that just gave a non-finite loss never replace good ones.
+            if master and not in_a_row and (done % cfg.save_interval == 0 or done == cfg.steps or stop):
+                try:
+                    save_checkpoint(ckpt_path, model, opt, done, cfg)
+                    saved = done
+                except OSError as e:  # a full disk need not end a long run, but its last save must succeed
+                    if done == cfg.steps or stop:
+                        raise SystemExit(f"error: could not save {ckpt_path} at step {done} ({e}); {kept()}")
+                    log(f"could not save {ckpt_path} at step {done} ({e}); {kept()}; training goes on", flush=True)
+            if stop:
+                signum = caught[0] if caught else signal.SIGTERM  # another process caught it
+                log(f"stopped by {signal.Signals(signum).name} after step {done}; {kept()}: --resume continues")
+                if ddp:
+                    dist.destroy_process_group()
+                sys.exit(128 + signum)
     if ddp:
         dist.destroy_process_group()
-    log(f"trained {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {ckpt_path}")
+    log(f"trained {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min; {kept()}")
 
 
+@cli
 def main(argv=None):
     cfg, resume, dry = parse_args(argv)
-    try:
-        if dry:
-            dry_run(cfg, cfg.model or default_model(CACHE))
-            return
-        train(cfg, resume)
-    except (ValueError, FileNotFoundError) as e:  # bad splits, files, checkpoints: one line, no traceback
-        raise SystemExit(f"error: {e}") from e
+    if dry:
+        print(describe(cfg.model or default_model(CACHE), OuroborosConfig(
+            cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha, cfg.variant, cfg.gate, cfg.pool)))
+        return
+    train(cfg, resume)
     if cfg.final_eval and "RANK" not in os.environ:  # eval.py is its own program: train.py never imports it
         sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out,
-                                 "--device", cfg.device]).returncode)
+                                 "--device", cfg.device, "--precision", cfg.precision]).returncode)
 
 
 if __name__ == "__main__":

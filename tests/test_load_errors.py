@@ -1,13 +1,16 @@
-"""Bad checkpoints fail with one clear error that names the file and the problem."""
+"""Bad checkpoints fail with one clear error that names the file and the problem; every CLI turns
+bad input into that one line."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_checkpoint
-from load_qwen import CheckpointError, load_config, load_model, load_tokenizer
+from conftest import make_checkpoint, make_model_folder
+from load_qwen import CheckpointError, cli, load_config, load_model, load_tokenizer
 
 
 def edit_config(path, **changes):
@@ -117,3 +120,77 @@ def test_nonexistent_layer_index(tmp_path):
     make_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"layers \[7\] do not exist"):
         load_model(path, layers=[0, 7])
+
+
+def run_cli(*argv):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, argv[0]), *argv[1:]], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_every_cli_answers_bad_input_with_one_line(tmp_path):
+    """Run as programs: exit 1 and one `error:` line on stderr naming the problem, nothing loaded first."""
+    path = str(tmp_path / "m")
+    make_checkpoint(path)  # no tokenizer.json
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    cases = [(("load_qwen.py", path), "tokenizer.json not found"),
+             (("train.py", "--model", path, "--out", str(file)), "is a file: name a folder"),
+             (("eval.py", "--run", str(tmp_path), "--windows", "0", "--depths", "4,x"), "--windows 0 must be at least 1; --depths")]
+    for argv, message in cases:
+        done = run_cli(*argv)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, (argv, done.stderr)
+        assert done.stderr.startswith("error: ") and message in done.stderr, (argv, done.stderr)
+        assert "parameters, loaded" not in done.stdout  # load_qwen.py: refused before the weights load
+    assert file.read_text() == "keep me"
+
+
+def test_cli_turns_only_bad_input_into_one_line():
+    @cli
+    def bad_value():
+        raise CheckpointError("config.json: hidden_size = 'x'")
+
+    @cli
+    def bad_file():
+        open("/nonexistent/file")
+
+    @cli
+    def bug():
+        return [][1]
+    with pytest.raises(SystemExit, match="^error: config.json: hidden_size = 'x'$"):
+        bad_value()
+    with pytest.raises(SystemExit, match="^error: .*No such file or directory: '/nonexistent/file'$"):
+        bad_file()
+    with pytest.raises(IndexError):  # a bug keeps its traceback
+        bug()
+
+
+def test_a_tokenizer_of_another_model_is_refused(tmp_path):
+    path = make_model_folder(str(tmp_path / "m"))
+    edit_config(path, vocab_size=100)
+    with pytest.raises(CheckpointError, match="tokenizer.json has 264 tokens, more than the model's vocab_size 100"):
+        load_tokenizer(path)
+
+
+def test_config_values_of_the_wrong_type_are_named(tmp_path):
+    path = str(tmp_path / "m")
+    make_checkpoint(path)
+    for key, value, message in [("hidden_size", "64", "hidden_size = '64', expected int in 1..1048576"),
+                                ("num_hidden_layers", 2**40, "num_hidden_layers = 1099511627776, expected int in 1..1024"),
+                                ("eos_token_id", [2, "x"], "is not a token id or a list of them"),
+                                ("tie_word_embeddings", "yes", "tie_word_embeddings = 'yes', expected bool")]:
+        edit_config(path, **{key: value})
+        with pytest.raises(CheckpointError, match=message):
+            load_config(path)
+        make_checkpoint(path)
+    json.dump([1, 2], open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="holds a JSON list, not an object"):
+        load_config(path)
+
+
+def test_layer_count_is_checked_against_the_weights(tmp_path):
+    path = str(tmp_path / "m")
+    make_checkpoint(path)
+    edit_config(path, num_hidden_layers=9)
+    with pytest.raises(CheckpointError, match="says 9 layers, .*model.safetensors holds 4"):
+        load_model(path)

@@ -1,7 +1,9 @@
 """Data pipeline, training loop, resume, DDP and evaluation, on a tiny model and corpus."""
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -9,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import data
 import eval as evaluation
 import train
 from conftest import make_corpus, make_model_folder
-from load_qwen import CheckpointError, load_checkpoint, load_model, load_ouroboros, load_tokenizer
+from load_qwen import CheckpointError, load_checkpoint, load_model, load_ouroboros, load_tokenizer, precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +38,7 @@ def private_cache(setup, monkeypatch):
 def args(setup, out, *extra):
     model, corpus, _ = setup
     return ["--model", model, "--data", corpus, "--out", out, "--prelude", "1", "--recurrent", "2", "--coda", "1",
-            "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--warmup", "1", "--eval-interval", "2",
+            "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--eval-interval", "2", "--save-interval", "2",
             "--eval-windows", "4", "--log-interval", "1", "--depths", "1,2,3", "--no-final-eval", "--rank", "8",
             *extra]
 
@@ -143,13 +145,21 @@ def test_checkpoint_from_another_variant_is_refused(setup, tmp_path):
     with pytest.raises(CheckpointError, match="same --variant"):
         load_checkpoint(os.path.join(out, "checkpoint.safetensors"), model)
     ckpt = os.path.join(out, "checkpoint.safetensors")
+    model = load_ouroboros(setup[0], 1, 2, 1, rank=8)
+    good = load_file(ckpt)
+    name = next(k for k in good if k.endswith(".exp_avg"))
+    for k, t in [(name, good[name][:1]), ("model.gate.proj.bias", torch.full_like(good["model.gate.proj.bias"], math.nan)),
+                 ("optim.gate.proj.bias.unknown", torch.zeros(1))]:
+        save_file({**good, k: t}, ckpt, metadata={"step": "2"})
+        with pytest.raises(CheckpointError, match=f"{k} .* unexpected, of the wrong shape or not finite"):
+            load_checkpoint(ckpt, model)
     open(ckpt, "wb").write(b"broken")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(ckpt, model)
 
 
 def logged_losses(text):
-    return [float(l.split("loss ")[1].split()[0]) for l in text.splitlines() if l.startswith("step")]
+    return [float(l.split("  loss ")[1].split()[0]) for l in text.splitlines() if l.startswith("step") and "  loss " in l]
 
 
 def test_ddp_on_two_processes_matches_one_process(setup, tmp_path, capsys):
@@ -248,3 +258,164 @@ def test_eval_reports_a_bad_run_config_in_one_line(setup, tmp_path):
     (out / "config.json").write_text(json.dumps(vars(train.TrainConfig(model=setup[0], data=(setup[1],)))))
     with pytest.raises(SystemExit, match="error: prelude 8 \\+ coda 8 must leave room"):
         evaluation.main(["--run", str(out), "--depths", "1", "--windows", "2"])
+
+
+# ----------------------------------------------------------------------------------------------
+# never losing good work: non-finite updates, signals, failed saves, defaults that fit
+
+def snapshots(monkeypatch):
+    """Wrap train.save_checkpoint: {step: the file's bytes right after that save}."""
+    real, saved = train.save_checkpoint, {}
+
+    def save(path, model, opt, step, cfg):
+        real(path, model, opt, step, cfg)
+        saved[step] = open(path, "rb").read()
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    return saved
+
+
+def optim_steps(path):
+    return {t.item() for k, t in load_file(path).items() if k.endswith(".step")}
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch, capsys):
+    """The LR jumps to 1e6 after step 2 (as with --lr 1e6): the next loss is NaN, three skipped
+    updates in a row stop the run, and the checkpoint on disk is still step 2's, finite."""
+    out = str(tmp_path / "run")
+    saved = snapshots(monkeypatch)
+    real_lr = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, cfg: real_lr(step, cfg) if step < 2 else 1e6)
+    with pytest.raises(SystemExit, match=r"steps 4..6 all had a non-finite loss .* lower --lr .* holds step 2"):
+        train.main(args(setup, out, "--steps", "8"))
+    log = capsys.readouterr().out
+    assert log.count("update skipped") == 3 and "step     3/8  loss" in log  # step 3 itself was finite
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    assert list(saved) == [2] and open(ckpt, "rb").read() == saved[2]
+    assert all(torch.isfinite(t).all() for t in load_file(ckpt).values())
+
+
+def test_one_non_finite_step_is_skipped_without_touching_adamw(setup, tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 2 only: that update is skipped (AdamW's step count shows opt.step() ran 3
+    times in 4 steps), the run goes on, its log loss leaves the NaN out, and it saves finite tensors."""
+    real = train.load_ouroboros
+    calls = []
+
+    def poisoned(*a, **k):
+        model = real(*a, **k)
+        forward = model.forward
+
+        def once_nan(*args, **kwargs):
+            calls.append(1)
+            out = forward(*args, **kwargs)
+            return out * float("nan") if len(calls) == 2 else out
+        model.forward = once_nan
+        return model
+    monkeypatch.setattr(train, "load_ouroboros", poisoned)
+    out = str(tmp_path / "run")
+    train.main(args(setup, out, "--steps", "4"))
+    log = capsys.readouterr().out
+    assert "non-finite loss or gradient norm (1 so far)" in log and all(math.isfinite(x) for x in logged_losses(log)[2:])
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    assert optim_steps(ckpt) == {3.0}
+    assert all(torch.isfinite(t).all() for t in load_file(ckpt).values())
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch, capsys):
+    """The disk fills up at step 4: one line, the step-2 checkpoint intact, no temporary file left,
+    training goes on. The final save failing too ends the run with an error. --steps 5 with the
+    default warmup (0 for a run this short) also runs."""
+    out = tmp_path / "run"
+    saved = snapshots(monkeypatch)
+    real = train.save_file
+
+    def disk_full(tensors, file, metadata):
+        if metadata["step"] != "2":
+            open(file, "wb").write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        real(tensors, file, metadata=metadata)
+    monkeypatch.setattr(train, "save_file", disk_full)
+    with pytest.raises(SystemExit, match=r"error: could not save .* at step 5 .*No space left.* holds step 2"):
+        train.main(args(setup, str(out), "--steps", "5"))
+    log = capsys.readouterr().out
+    assert "could not save" in log and "holds step 2; training goes on" in log and "step     5/5  loss" in log
+    assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "config.json"]  # no .tmp left behind
+    assert open(out / "checkpoint.safetensors", "rb").read() == saved[2]
+    assert json.load(open(out / "config.json"))["warmup"] == 0
+
+
+def test_warmup_follows_short_runs_but_not_the_default_run():
+    assert train.parse_args([])[0].warmup == 10                      # the default run is unchanged
+    assert [train.parse_args(["--steps", n])[0].warmup for n in ("5", "40", "1000")] == [0, 5, 10]
+    assert train.parse_args(["--steps", "5", "--warmup", "2"])[0].warmup == 2
+    with pytest.raises(SystemExit, match="--warmup 5 must be in 0..4"):
+        train.check(train.parse_args(["--steps", "5", "--warmup", "5"])[0], False)
+
+
+SLOW_TRAIN = """import sys, time, data, train
+data.CACHE = sys.argv[1]
+lr_at = train.lr_at
+train.lr_at = lambda step, cfg: time.sleep(0.3) or lr_at(step, cfg)  # room for the signal to land mid-run
+train.main(sys.argv[2:])
+"""
+
+
+def test_sigterm_saves_and_resume_equals_an_uninterrupted_run(setup, tmp_path, capsys):
+    """A real train.py process gets SIGTERM after its step-2 checkpoint: it finishes the step it is in,
+    saves, exits 143; --resume then ends on exactly the tensors of a run never interrupted."""
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    script = tmp_path / "slow_train.py"
+    script.write_text(SLOW_TRAIN)
+    cmd = [sys.executable, str(script), setup[2], *args(setup, cut, "--steps", "8", "--lr", "1e-2")]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step     2/8"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = int(rest.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 2 <= stopped < 8 and "Traceback" not in err
+    assert optim_steps(os.path.join(cut, "checkpoint.safetensors")) == {float(stopped)}
+    train.main(args(setup, cut, "--steps", "8", "--lr", "1e-2", "--resume"))
+    train.main(args(setup, whole, "--steps", "8", "--lr", "1e-2"))
+    a, b = (load_file(os.path.join(d, "checkpoint.safetensors")) for d in (whole, cut))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_bf16_path_on_the_cpu_trains_fp32_masters_over_a_frozen_bf16_base(setup, tmp_path, monkeypatch, capsys):
+    """--precision bf16 runs what a GPU runs: bf16 base weights, bf16 autocast, fp32 trainable masters."""
+    dtype, autocast = precision(torch.device("cpu"), "bf16")
+    assert dtype == torch.bfloat16 and autocast.fast_dtype == torch.bfloat16 and autocast._enabled
+    real, built = train.load_ouroboros, []
+    monkeypatch.setattr(train, "load_ouroboros", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    train.main(args(setup, str(tmp_path / "run"), "--steps", "6", "--lr", "1e-2", "--precision", "bf16"))
+    losses = logged_losses(capsys.readouterr().out)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.05
+    model = built[0]
+    trained = train.trainable(model)
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    torch.manual_seed(0)  # the run's seed: the same initial trainable tensors
+    fresh = load_ouroboros(setup[0], 1, 2, 1, rank=8, dtype=torch.bfloat16)
+    frozen = {n: p for n, p in model.named_parameters() if n not in trained}
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen.values())
+    for n, p in fresh.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    start = dict(fresh.named_parameters())
+    assert all(not torch.equal(p, start[n]) for n, p in trained.items())
+
+
+def test_out_naming_a_file_and_every_bad_setting_at_once(setup, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        train.main(args(setup, str(file), "--steps", "0", "--save-interval", "0", "--depths", "x"))
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and all(m in msg for m in (
+        "is a file", "--steps must be at least 1", "--save-interval must be at least 1", "comma-separated"))
+    assert file.read_text() == "keep me"
+    with pytest.raises(SystemExit, match="holds no checkpoint to continue"):
+        train.main(args(setup, str(tmp_path / "new"), "--resume"))

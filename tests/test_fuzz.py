@@ -1,0 +1,161 @@
+"""Damaged inputs, fuzzed (seeded): config.json, a safetensors header, tokenizer.json and a training
+checkpoint, broken in many random ways. Every case loads cleanly or ends in the project's error on bad
+input (a ValueError, CheckpointError among them, which load_qwen.cli turns into one line); anything
+else -- another exception, a crash, a hang -- fails the test and names the seed that caused it."""
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import make_model_folder
+from load_qwen import load_checkpoint, load_model, load_ouroboros, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = 60  # per file kind
+GARBAGE = [None, -1, 0, 1, 7, 2**62, -2.5, 1e308, float("nan"), "", "x", "F16", [], [1, "a"], [2**40], {}, {"a": 1}, True]
+
+
+def mutate_bytes(data: bytes, rng, end=None) -> bytes:
+    """Truncate, flip bytes, overwrite a span or insert junk, within data[:end]."""
+    end = min(end or len(data), len(data))
+    at = rng.randrange(end)
+    kind = rng.choice(["truncate", "flip", "span", "insert", "empty"])
+    if kind == "truncate":
+        return data[:at]
+    if kind == "empty":
+        return b""
+    if kind == "insert":
+        return data[:at] + rng.randbytes(rng.randint(1, 16)) + data[at:]
+    out = bytearray(data)
+    for i in ([rng.randrange(end) for _ in range(rng.randint(1, 8))] if kind == "flip" else range(at, min(end, at + 32))):
+        out[i] = rng.randrange(256) if kind == "span" else out[i] ^ (1 << rng.randrange(8))
+    return bytes(out)
+
+
+def mutate_json(obj, rng):
+    """One value somewhere in the tree replaced by garbage of another type, or its key deleted."""
+    parent, key, node = None, None, obj
+    while isinstance(node, (dict, list)) and node and (parent is None or rng.random() < 0.6):
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        parent, node = node, node[key]
+    if parent is None:
+        return rng.choice(GARBAGE)
+    if isinstance(parent, dict) and rng.random() < 0.2:
+        del parent[key]
+    else:
+        parent[key] = rng.choice(GARBAGE)
+    return obj
+
+
+def damage_json(text: bytes, rng) -> bytes:
+    if rng.random() < 0.3:
+        return mutate_bytes(text, rng)
+    return json.dumps(mutate_json(json.loads(text), rng)).encode()
+
+
+def damage_safetensors(data: bytes, rng) -> bytes:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes."""
+    n = struct.unpack("<Q", data[:8])[0]
+    kind = rng.choice(["header bytes", "header json", "length"])
+    if kind == "header bytes":
+        return mutate_bytes(data, rng, end=8 + n)
+    if kind == "length":
+        return struct.pack("<Q", rng.choice([0, 1, n - 1, n + 1, 2**63, len(data)])) + data[8:]
+    header = json.dumps(mutate_json(json.loads(data[8:8 + n]), rng)).encode()
+    return struct.pack("<Q", len(header)) + header + data[8 + n:]
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    """A tiny model folder and a checkpoint train.py wrote for it (with AdamW state)."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    model_dir = make_model_folder(str(tmp / "model"))
+    model = load_ouroboros(model_dir, 1, 2, 1, rank=8)
+    cfg = train.TrainConfig(model=model_dir, prelude=1, recurrent=2, coda=1, rank=8)
+    opt = train.make_optimizer(model, cfg)
+    for p in train.trainable(model).values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    train.save_checkpoint(str(tmp / "checkpoint.safetensors"), model, opt, 1, cfg)
+    return model_dir, str(tmp / "checkpoint.safetensors"), model
+
+
+def fuzz(original, damage, load, workdir, name):
+    """For each seed: damage a copy of `original` (a file in a model folder), then load it."""
+    clean = errors = 0
+    data = open(original, "rb").read()
+    for seed in range(CASES):
+        folder = os.path.join(workdir, f"{name}{seed}")
+        shutil.copytree(os.path.dirname(original), folder)
+        damaged = os.path.join(folder, os.path.basename(original))
+        with open(damaged, "wb") as f:
+            f.write(damage(data, random.Random(seed)))
+        try:
+            load(folder, damaged)
+            clean += 1
+        except ValueError as e:  # the project's error on bad input: it names the problem
+            assert str(e).strip(), f"seed {seed}: an empty message"
+            errors += 1
+        except Exception as e:
+            raise AssertionError(f"{name} seed {seed}: {type(e).__name__}: {e}") from e
+        shutil.rmtree(folder)
+    assert errors > CASES // 3  # the damage is real, most of it is caught
+    return clean, errors
+
+
+def test_fuzzed_config_json(originals, tmp_path):
+    model_dir = originals[0]
+    fuzz(os.path.join(model_dir, "config.json"), damage_json, lambda folder, _: load_model(folder), tmp_path, "config")
+
+
+def test_fuzzed_safetensors_header(originals, tmp_path):
+    model_dir = originals[0]
+
+    def load(folder, _):
+        model = load_model(folder)
+        model(torch.tensor([[3, 4, 5]]))
+    fuzz(os.path.join(model_dir, "model.safetensors"), damage_safetensors, load, tmp_path, "weights")
+
+
+def test_fuzzed_tokenizer_json(originals, tmp_path):
+    model_dir = originals[0]
+
+    def load(folder, _):
+        ids = load_tokenizer(folder).encode("the cat sat on 42 mats").ids
+        assert all(0 <= i < 264 for i in ids)
+    fuzz(os.path.join(model_dir, "tokenizer.json"), damage_json, load, tmp_path, "tokenizer")
+
+
+def test_fuzzed_checkpoint(originals, tmp_path):
+    _, ckpt, model = originals
+    opt = train.make_optimizer(model, train.TrainConfig())
+
+    def damage(data, rng):  # its header and tensor bytes both
+        return damage_safetensors(data, rng) if rng.random() < 0.7 else mutate_bytes(data, rng)
+
+    def load(folder, damaged):
+        load_checkpoint(damaged, model, opt)
+        opt.step()  # what --resume does next: the restored AdamW state must fit
+    fuzz(ckpt, damage, load, tmp_path, "checkpoint")
+
+
+def test_clis_on_damaged_folders_print_one_line_not_a_traceback(originals, tmp_path):
+    """load_qwen.py run as a program on a few damaged folders: exit 0, or exit 1 and an `error:` line."""
+    model_dir = originals[0]
+    cases = [("config.json", damage_json, 3), ("model.safetensors", damage_safetensors, 5), ("tokenizer.json", damage_json, 1)]
+    for file, damage, seed in cases:
+        folder = str(tmp_path / file)
+        shutil.copytree(model_dir, folder)
+        data = open(os.path.join(folder, file), "rb").read()
+        open(os.path.join(folder, file), "wb").write(damage(data, random.Random(seed)))
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "load_qwen.py"), folder, "--max-new-tokens", "2"],
+                              capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in done.stderr, (file, seed, done.stderr[-2000:])
+        assert done.returncode == 1 and done.stderr.startswith("error: "), (file, seed, done.stderr)
