@@ -407,7 +407,15 @@ def load_tokenizer(path: str):
 
 def pick_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"--device {name!r}: {e}") from None
+        missing = {"cuda": not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count(),
+                   "mps": not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+        if missing.get(device.type):  # refused now, not when the first tensor moves there
+            raise ValueError(f"--device {name}: no such device here; use auto or cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -473,10 +481,16 @@ def run_config(run: str) -> dict:
     if not os.path.isfile(file):
         raise CheckpointError(f"{file} not found: --run takes a folder written by train.py")
     try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except ValueError as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}); it was not written by train.py") from e
+    need = ("model", "data", "held_out", "seq_len", "batch_size", "seed", "prelude", "recurrent", "coda", "rank",
+            "alpha", "variant", "gate", "pool")
+    missing = [k for k in need if k not in cfg] if isinstance(cfg, dict) else need
+    if missing:
+        raise CheckpointError(f"{file} lacks {', '.join(missing)}: it was not written by train.py")
+    return cfg
 
 
 def load_run(run: str, dtype=torch.float32, device="cpu"):

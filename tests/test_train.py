@@ -193,7 +193,8 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
         train.main(args(setup, out, "--steps", "2", "--seed", str(seed)))
         runs.append(out)
     capsys.readouterr()
-    evaluation.main(["--run", *runs, "--depths", "1,2", "--windows", "4", "--out", str(tmp_path / "res"), "--json"])
+    evaluation.main(["--run", *runs, "--depths", "1,2", "--windows", "4", "--out", str(tmp_path / "res"), "--json",
+                     "--precision", "fp32"])
     result = json.loads(capsys.readouterr().out)
     ref = result["reference"]["held_out"]
     model, corpus, cache = setup  # the reference row, recomputed independently on the same windows
@@ -236,6 +237,8 @@ def test_dry_run_qwen25_3b_counts(tmp_path, capsys):
     (["--seq-len", "100000"], "longer than the model's context"),
     (["--recurrent", "0"], "error: recurrent layer 0 must lie between"),
     (["--data", "/nonexistent/*.txt"], "matches no files"),
+    (["--device", "cuda:99"], "--device cuda:99: no such device here"),
+    (["--lr", "nan"], "--lr must be positive"),
 ])
 def test_impossible_settings_fail_with_one_clear_error(setup, tmp_path, extra, message):
     out = tmp_path / "run"
@@ -255,6 +258,9 @@ def test_eval_of_a_run_without_checkpoint(setup, tmp_path):
 def test_eval_reports_a_bad_run_config_in_one_line(setup, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": setup[0], "seed": 0}))
+    with pytest.raises(SystemExit, match="config.json lacks data, held_out, .*: it was not written by train.py"):
+        evaluation.main(["--run", str(out), "--depths", "1", "--windows", "2"])
     (out / "config.json").write_text(json.dumps(vars(train.TrainConfig(model=setup[0], data=(setup[1],)))))
     with pytest.raises(SystemExit, match="error: prelude 8 \\+ coda 8 must leave room"):
         evaluation.main(["--run", str(out), "--depths", "1", "--windows", "2"])
@@ -419,3 +425,25 @@ def test_out_naming_a_file_and_every_bad_setting_at_once(setup, tmp_path):
     assert file.read_text() == "keep me"
     with pytest.raises(SystemExit, match="holds no checkpoint to continue"):
         train.main(args(setup, str(tmp_path / "new"), "--resume"))
+
+
+def test_sigterm_to_one_torchrun_process_stops_all_at_the_same_step(setup, tmp_path):
+    """Only rank 1 gets SIGTERM; rank 0 learns of it through the per-step flag, stops after the same
+    step, saves that step and exits 143 (a rank that stopped alone would leave the other hanging)."""
+    out = str(tmp_path / "ddp")
+    script = tmp_path / "slow_train.py"
+    script.write_text("import os, sys\nopen(os.path.join(sys.argv[2], 'pid' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+                      "sys.argv.pop(2)\n" + SLOW_TRAIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           str(script), setup[2], str(tmp_path), *args(setup, out, "--batch-size", "2", "--steps", "12")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step     2/12"):
+            os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 143" in err, err[-3000:]
+    stopped = int(rest.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 2 <= stopped < 12
+    assert optim_steps(os.path.join(out, "checkpoint.safetensors")) == {float(stopped)}
