@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import torch
 
-from data import ROOT, Windows, eos_id, load_splits
-from load_qwen import cli, load_model, load_run, load_tokenizer, pick_device, precision, run_config
+from data import ROOT, Windows, load_splits
+from load_qwen import cli, load_model, load_run, pick_device, precision, run_config
 
 SPLITS = ("train", "held_out")
 
@@ -52,7 +52,7 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto"):
         raise SystemExit("runs compared in one table must share model, data, split, seq_len and layer split")
     first = cfgs[0]
     model_dir = first["model"]
-    streams = load_splits(list(first["data"]), model_dir, first["held_out"], load_tokenizer(model_dir), eos_id(model_dir))
+    streams = load_splits(first["data"], model_dir, first["held_out"], first.get("text_field", "text"))
     data = {s: Windows(t, first["seq_len"]) for s, t in zip(SPLITS, streams)}
     loss = lambda fn, split: mean_loss(fn, data[split], windows, first["batch_size"], device, autocast)
 

@@ -197,9 +197,10 @@ def open_weights(path: str, cfg: Qwen2Config, layers) -> Weights:
     return weights
 
 
-def load_model(path: str, dtype=torch.float32, device="cpu", layers=None) -> Transformer:
-    """Build the decoder from config.json and load its weights; `layers` loads only those layers."""
-    cfg = load_config(path)
+def load_model(path: str, dtype=torch.float32, device="cpu", layers=None, config=None) -> Transformer:
+    """Build the decoder from config.json (or `config`, already read) and load its weights; `layers`
+    loads only those layers."""
+    cfg = config or load_config(path)
     layers = list(range(cfg.num_hidden_layers)) if layers is None else sorted(layers)
     weights = open_weights(path, cfg, layers)
     with torch.device("meta"):  # no memory until the real tensors are assigned
@@ -217,11 +218,11 @@ PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj
         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
-def residual_bases(path: str, oc: OuroborosConfig, dtype=torch.float32, device="cpu") -> dict:
+def residual_bases(path: str, oc: OuroborosConfig, dtype=torch.float32, device="cpu", config=None) -> dict:
     """{target: (A, B)} from the SVD of mean_i(W_t[i] - W_t[recurrent]) over the removed layers i.
 
     The removed layers are read one tensor at a time, so they are never resident together."""
-    cfg = load_config(path)
+    cfg = config or load_config(path)
     _, r, _, removed = oc.split(cfg.num_hidden_layers)
     weights = open_weights(path, cfg, removed + [r])
     bases = {}
@@ -236,14 +237,15 @@ def residual_bases(path: str, oc: OuroborosConfig, dtype=torch.float32, device="
 
 def load_ouroboros(path: str, prelude: int, recurrent: int, coda: int, rank: int = 32, alpha: float = 16.0,
                    variant: str = "controller", gate: bool = True, pool: str = "causal",
-                   dtype=torch.float32, device="cpu") -> Ouroboros:
+                   dtype=torch.float32, device="cpu", config=None) -> Ouroboros:
     """The recursive model from a pretrained folder: `prelude` and `coda` are layer counts,
-    `recurrent` the index of the looped layer. Only the kept layers stay resident."""
-    cfg = load_config(path)
+    `recurrent` the index of the looped layer. Only the kept layers stay resident. `config`: the
+    folder's config.json, if the caller has read it already."""
+    cfg = config or load_config(path)
     oc = OuroborosConfig(prelude, recurrent, coda, rank, alpha, variant, gate, pool)
     pre, r, post, _ = oc.split(cfg.num_hidden_layers)
-    base = load_model(path, dtype, device, layers=pre + [r] + post)
-    bases = None if variant == "none" else residual_bases(path, oc, dtype, device)
+    base = load_model(path, dtype, device, layers=pre + [r] + post, config=cfg)
+    bases = None if variant == "none" else residual_bases(path, oc, dtype, device, config=cfg)
     return Ouroboros(base, oc, bases)
 
 

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from data import CACHE, ROOT, Windows, eos_id, load_splits
-from load_qwen import (cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, load_tokenizer,
-                       pick_device, precision, trainable)
+from data import CACHE, KINDS, ROOT, Windows, load_splits
+from load_qwen import (cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, pick_device,
+                       precision, trainable)
 from model import OuroborosConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -38,6 +38,7 @@ from model import OuroborosConfig
 class TrainConfig:
     model: str = ""                 # HF-format folder; "" = the offline SmolLM2-135M default
     data: tuple = ()                # files, folders, globs; () = the Python docs
+    text_field: str = "text"        # the .jsonl field / parquet column that holds the text
     out: str = ""                   # run folder; "" = runs/<variant>-<pool>-s<seed>
     prelude: int = 8
     recurrent: int = 15
@@ -80,7 +81,8 @@ def parse_args(argv=None):
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d.model, help="HF-format Qwen2/Llama folder (default: SmolLM2-135M, offline)")
-    p.add_argument("--data", nargs="*", default=[], help="text files, folders, globs, .jsonl (default: Python docs)")
+    p.add_argument("--data", nargs="*", default=[], help=f"files, folders, globs of {' '.join(KINDS)} (default: Python docs)")
+    p.add_argument("--text-field", default=d.text_field, help="the .jsonl field / parquet column that holds the text")
     p.add_argument("--out", default=d.out)
     for name in ("prelude", "recurrent", "coda", "rank", "seq_len", "batch_size", "grad_accum", "steps",
                  "eval_interval", "save_interval", "eval_windows", "log_interval", "seed"):
@@ -222,20 +224,19 @@ def train(cfg: TrainConfig, resume: bool = False):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg.model = cfg.model or default_model(CACHE)
-    context = load_config(cfg.model).max_position_embeddings
-    if cfg.seq_len > context:
+    config = load_config(cfg.model)  # read once, passed down
+    if cfg.seq_len > (context := config.max_position_embeddings):
         raise SystemExit(f"error: --seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
     ckpt_path = os.path.join(cfg.out, "checkpoint.safetensors")
 
     dtype, autocast = precision(device, cfg.precision)
     torch.manual_seed(cfg.seed)
     model = load_ouroboros(cfg.model, cfg.prelude, cfg.recurrent, cfg.coda, cfg.rank, cfg.alpha,
-                           cfg.variant, cfg.gate, cfg.pool, dtype=dtype, device=device)
+                           cfg.variant, cfg.gate, cfg.pool, dtype=dtype, device=device, config=config)
     model.checkpoint_steps = cfg.checkpoint_steps
     if cfg.compile:  # the step index becomes a symbolic int after one recompile: two graphs for any depth
         model.step = torch.compile(model.step)
-    train_tokens, held_tokens = load_splits(list(cfg.data), cfg.model, cfg.held_out, load_tokenizer(cfg.model), eos_id(cfg.model))
-    train_w, held_w = Windows(train_tokens, cfg.seq_len), Windows(held_tokens, cfg.seq_len)
+    train_w, held_w = (Windows(t, cfg.seq_len) for t in load_splits(cfg.data, cfg.model, cfg.held_out, cfg.text_field, config))
     log(f"device {device}, model {cfg.model}, {train_w.n:,} training windows / {held_w.n:,} held-out "
         f"of {cfg.seq_len} tokens; {sum(p.numel() for p in trainable(model).values()):,} trainable parameters")
 

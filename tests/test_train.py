@@ -1,8 +1,7 @@
-"""Data pipeline, training loop, resume, DDP and evaluation, on a tiny model and corpus."""
+"""Training loop, resume, DDP and evaluation, on a tiny model and corpus (the data pipeline: test_data.py)."""
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import data
 import eval as evaluation
 import train
 from conftest import make_corpus, make_model_folder
-from load_qwen import CheckpointError, load_checkpoint, load_model, load_ouroboros, load_tokenizer, precision
+from load_qwen import CheckpointError, load_checkpoint, load_model, load_ouroboros, precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,15 +42,6 @@ def args(setup, out, *extra):
             *extra]
 
 
-def test_windows_give_next_token_labels():
-    w = data.Windows(np.arange(100, dtype=np.uint32), seq_len=10)
-    assert w.n == 9
-    x, y = w.batch([0, 3])
-    assert torch.equal(x[0], torch.arange(10)) and torch.equal(y[0], torch.arange(1, 11))
-    assert torch.equal(x[1], torch.arange(30, 40)) and torch.equal(y[1], torch.arange(31, 41))
-    assert sorted(w.order(0, 0)) == list(range(9)) and w.order(0, 0) == w.order(0, 0) != w.order(0, 1)
-
-
 def test_loss_is_shifted_exactly_once(setup):
     """The training loss must be the loss of predicting token t+1. The authors' code shifted the
     already-shifted labels again and trained on t+2; this test fails for that mistake."""
@@ -67,35 +57,6 @@ def test_loss_is_shifted_exactly_once(setup):
     twice = F.cross_entropy(logits[0, :-1], window[2:33])
     assert abs(loss.item() - once.item()) < 1e-5
     assert abs(loss.item() - twice.item()) > 1e-2
-
-
-def test_held_out_split_is_by_document_and_disjoint(setup, tmp_path):
-    model, corpus, cache = setup
-    tok = load_tokenizer(model)
-    tr, ho = data.load_splits([corpus], model, 0.2, tok, 2, cache)
-    text = [tok.decode(s.astype(np.int64).tolist()) for s in (tr, ho)]
-    markers = [{w[:6] for w in t.split() if w.startswith("DOC")} for t in text]
-    assert markers[0] and markers[1]
-    assert not markers[0] & markers[1]                 # no document on both sides
-    assert markers[0] | markers[1] == {f"DOC{i:03d}" for i in range(30)}  # and none lost
-    assert (tr == 2).sum() == len(markers[0])          # one EOS after every document
-    again = data.load_splits([corpus], model, 0.2, tok, 2, cache)  # cached, same split
-    assert np.array_equal(again[1], ho)
-    docs = data.read_documents(data.find_files([corpus]))
-    assert markers[1] == {t[:6] for _, t in docs if data.is_held_out(t, 0.2)}
-    moved = shutil.copytree(corpus, tmp_path / "elsewhere")  # the same split wherever the corpus lies
-    assert np.array_equal(data.load_splits([str(moved)], model, 0.2, tok, 2, str(tmp_path / "c"))[1], ho)
-
-
-def test_jsonl_documents_and_bad_sources(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
-    assert data.read_documents([str(f)]) == [(f"{f}:1", "one"), (f"{f}:3", "two")]
-    f.write_text('{"body": "no text field"}\n')
-    with pytest.raises(ValueError, match="line 1: needs a JSON object with a \"text\" field"):
-        data.read_documents([str(f)])
-    with pytest.raises(FileNotFoundError, match="matches no files"):
-        data.find_files([str(tmp_path / "nothing*.txt")])
 
 
 def test_lr_schedule_warms_up_then_decays_per_optimiser_step():
@@ -198,7 +159,7 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     ref = result["reference"]["held_out"]
     model, corpus, cache = setup  # the reference row, recomputed independently on the same windows
-    held = data.Windows(data.load_splits([corpus], model, 0.05, load_tokenizer(model), 2, cache)[1], 32)
+    held = data.Windows(data.load_splits([corpus], model, 0.05, cache=cache)[1], 32)
     x, y = held.batch(held.spread(4))
     with torch.no_grad():
         assert abs(load_model(model)(x, labels=y).item() - ref["full"]) < 1e-5
