@@ -1,7 +1,7 @@
 """Benchmarks, one run, one table: every figure with the reference it is compared to, measured here.
 
     python bench.py            # CPU: reduced shapes; GPU rows are listed as skipped
-    python bench.py --quick    # fewer repeats
+    python bench.py --quick    # fewer repeats, smaller corpora
 
 Rows
  1. decoder forward, ours vs transformers' Qwen2ForCausalLM (SmolLM2-135M shape, batch 4 x 256)
@@ -14,16 +14,27 @@ Rows
  4. torch.compile of the recurrent step, on vs off
 """
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import io
+import json
+import os
+import random
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from controller import TARGETS
+from load_qwen import CheckpointError, default_model, load_tokenizer
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -293,6 +304,80 @@ def row_compile(device, dtype, reps):
             f"first compiled step {compile_s:.0f}s")
 
 
+def synthetic_corpus(folder, tokens, tokenizer, seed=0, shards=8):
+    """About `tokens` tokens in .jsonl shards: the default corpus's paragraphs, shuffled and regrouped
+    into documents of 2-40 paragraphs, so the text has real token statistics at any size."""
+    paragraphs = [p for text, _ in data.documents(data.find_files([])) for p in text.split("\n\n") if p.strip()]
+    sample = "\n\n".join(paragraphs[:2000])
+    chars = tokens * len(sample) / len(tokenizer.encode(sample).ids)
+    rng = random.Random(seed)
+    os.makedirs(folder)
+    for shard in range(shards):
+        with open(os.path.join(folder, f"shard{shard:02d}.jsonl"), "w") as f:
+            written = 0
+            while written < chars / shards:
+                doc = "\n\n".join(rng.choices(paragraphs, k=rng.randint(2, 40)))
+                f.write(json.dumps({"text": doc}) + "\n")
+                written += len(doc)
+    return folder
+
+
+LAUNCH = """import os, sys
+pid = os.fork()
+if pid == 0:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
+def peak_rss(cmd) -> int:
+    """Peak resident memory of a command in bytes. A child's count starts at its parent's resident
+    memory when forked (this process holds GBs after rows 1-3), so a small launcher forks it."""
+    code, rss = map(int, subprocess.run([sys.executable, "-c", LAUNCH, *cmd], capture_output=True, text=True,
+                                        check=True).stdout.split())
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {code}")
+    return rss * (1 if sys.platform == "darwin" else 1024)  # Linux counts KiB
+
+
+def row_data_memory(model, tokenizer, sizes, tmp):
+    measured = []
+    for n in sizes:
+        corpus, cache = synthetic_corpus(os.path.join(tmp, f"corpus{n}"), n, tokenizer), os.path.join(tmp, "cache")
+        rss = peak_rss([sys.executable, os.path.join(data.ROOT, "data.py"), "--model", model, "--data", corpus,
+                        "--cache", cache])
+        _, m = data.token_cache([corpus], model, cache=cache)  # prepared: read back for the counts
+        measured.append((rss, sum(m[s]["tokens"] for s in data.SIDES)))
+        shutil.rmtree(corpus)
+        shutil.rmtree(cache)
+    (rss_small, small), (rss_big, big) = measured
+    return ("5. peak RSS of `python data.py`, synthetic .jsonl, SmolLM2 tokenizer",
+            f"{rss_big / 2**20:,.0f} MiB at {big / 1e6:.1f}M tokens", f"{rss_small / 2**20:,.0f} MiB at {small / 1e6:.1f}M tokens",
+            rss_small / rss_big, f"{big / small:.0f}x the tokens, {rss_big / rss_small:.2f}x the memory")
+
+
+def row_tokenise(model, tokenizer, tokens, tmp, reps):
+    corpus = synthetic_corpus(os.path.join(tmp, "corpus_speed"), tokens, tokenizer, seed=1)
+    texts = [t for t, _ in data.documents(data.find_files([corpus]))]
+    cache = os.path.join(tmp, "cache_speed")
+
+    def ours():
+        shutil.rmtree(cache, ignore_errors=True)
+        with contextlib.redirect_stderr(io.StringIO()):
+            data.token_cache([corpus], model, cache=cache)
+
+    t_ours, t_theirs = timed([ours, lambda: tokenizer.encode_batch(texts, add_special_tokens=False)], torch.device("cpu"), reps)
+    _, m = data.token_cache([corpus], model, cache=cache)
+    n = sum(m[s]["tokens"] for s in data.SIDES)
+    return ("6. tokenisation, data.py (read, split, encode, write) vs `encode_batch` on the text in memory",
+            f"{n / t_ours:,.0f} tok/s", f"{n / t_theirs:,.0f} tok/s", t_theirs / t_ours,
+            f"{n / 1e6:.1f}M tokens, SmolLM2 tokenizer, {os.cpu_count()} cores; the limit is 1.00x")
+
+
 def dtype_name(dtype):
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
@@ -301,6 +386,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one timed repeat instead of three")
     p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--skip-data", action="store_true", help="no data.py rows (the full ones tokenise ~110M tokens)")
     a = p.parse_args()
     reps = 1 if a.quick else 3
     cpu, rows, skipped = torch.device("cpu"), [], []
@@ -329,6 +415,18 @@ def main():
         skipped.append("row 4: --skip-compile")
     if not gpu:
         skipped.append("bf16 rows and MFU against the H100 peak: no CUDA GPU here")
+    if a.skip_data:
+        skipped.append("rows 5-6: --skip-data")
+    else:
+        try:
+            model = default_model(data.CACHE)
+        except CheckpointError as e:
+            skipped.append(f"rows 5-6: {e}")
+        else:
+            tokenizer = load_tokenizer(model)
+            with tempfile.TemporaryDirectory() as tmp:  # corpora of up to ~400 MB, removed after
+                rows.append(row_data_memory(model, tokenizer, (3e5, 3e6) if a.quick else (1e7, 1e8), tmp))
+                rows.append(row_tokenise(model, tokenizer, 5e5 if a.quick else 2e6, tmp, reps))
 
     print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")
     for name, ours, ref, ratio, note in rows:

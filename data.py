@@ -18,6 +18,8 @@ import os
 import sys
 import sysconfig
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -31,7 +33,7 @@ PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.rst.txt"
 TEXT = (".txt", ".md", ".rst", ".py")  # one document per file (.py: the stdlib fallback corpus)
 KINDS = TEXT + (".jsonl", ".jsonl.gz", ".parquet")
 SIDES = ("train", "held_out")
-BATCH_CHARS = 1 << 22  # text per encode_batch call: documents for every core, ~0.3 GB at the peak
+BATCH_CHARS = 1 << 20  # text per encode_batch call: documents for every core, a bounded memory
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +175,21 @@ def batches(docs):
         yield batch, done
 
 
+def encoded(tokenizer, batches, ahead=2):
+    """(texts, encodings, bytes read) per batch, in order. `encode_batch` releases the GIL, so with
+    `ahead` batches encoding in threads the cores stay busy through each batch's longest document,
+    while this thread reads the next batch and writes the last."""
+    with ThreadPoolExecutor(ahead) as pool:
+        jobs = deque()
+        for texts, done in batches:
+            jobs.append((texts, pool.submit(tokenizer.encode_batch, texts, add_special_tokens=False), done))
+            if len(jobs) > ahead:
+                texts, job, done = jobs.popleft()
+                yield texts, job.result(), done
+        for texts, job, done in jobs:
+            yield texts, job.result(), done
+
+
 def tokenize(files, folder, key, tokenizer, eos, fraction, text_field):
     """Stream the documents into the two token files, EOS after every document, then write the
     manifest: last and atomically, so a killed run never leaves a cache that reads as complete."""
@@ -183,9 +200,9 @@ def tokenize(files, folder, key, tokenizer, eos, fraction, text_field):
     t0 = shown = time.time()
     try:
         with open(paths[0] + ".tmp", "wb") as train_f, open(paths[1] + ".tmp", "wb") as held_f:
-            for texts, done in batches(documents(files, text_field)):
+            for texts, encodings, done in encoded(tokenizer, batches(documents(files, text_field))):
                 ids = ([], [])  # this batch's tokens for each side, in document order
-                for text, enc in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False)):
+                for text, enc in zip(texts, encodings):
                     side = is_held_out(text, fraction)
                     ids[side].extend(enc.ids)
                     ids[side].append(eos)

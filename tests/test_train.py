@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import eval as evaluation
+import load_qwen
 import train
 from conftest import make_corpus, make_model_folder
 from load_qwen import CheckpointError, load_checkpoint, load_model, load_ouroboros, precision
@@ -97,6 +98,15 @@ def test_training_lowers_the_loss_and_resume_is_exact(setup, tmp_path, monkeypat
     assert ta.keys() == tb.keys() and any(k.startswith("optim.") for k in ta)
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def test_config_json_is_read_once_per_run(setup, tmp_path, monkeypatch):
+    """train.py reads it once and passes it down: to the model loader and the data pipeline."""
+    reads, real = [], load_qwen.load_config
+    for module in (train, data, load_qwen):
+        monkeypatch.setattr(module, "load_config", lambda path: reads.append(path) or real(path))
+    train.main(args(setup, str(tmp_path / "run"), "--steps", "1", "--warmup", "0"))
+    assert reads == [setup[0]]
 
 
 def test_checkpoint_from_another_variant_is_refused(setup, tmp_path):
