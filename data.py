@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from load_qwen import default_model, load_config, load_tokenizer
+from load_qwen import cli, default_model, load_config, load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "cache")
@@ -279,8 +279,9 @@ def token_cache(sources, model_dir, held_out=0.05, text_field="text", config=Non
     if not 0 < held_out < 1:
         raise ValueError(f"--held-out {held_out} must be a fraction between 0 and 1")
     files = find_files(sources)
-    eos = eos_id(config or load_config(model_dir))
-    tokenizer = load_tokenizer(model_dir)  # its error names a missing tokenizer.json
+    config = config or load_config(model_dir)
+    eos = eos_id(config)
+    tokenizer = load_tokenizer(model_dir, config)  # its error names a missing or foreign tokenizer.json
     with open(os.path.join(model_dir, "tokenizer.json"), "rb") as f:
         tokenizer_sha1 = hashlib.sha1(f.read()).hexdigest()
     key = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files]
@@ -332,6 +333,7 @@ class Windows:
         return np.linspace(0, self.n - 1, min(count, self.n)).astype(int).tolist()
 
 
+@cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="HF-format model folder whose tokenizer to use (default: SmolLM2-135M)")
@@ -340,10 +342,7 @@ def main(argv=None):
     p.add_argument("--text-field", default="text", help="the .jsonl field or parquet column that holds the text")
     p.add_argument("--cache", default=CACHE, help="where the token files go (default: the repository's cache/)")
     a = p.parse_args(argv)
-    try:
-        folder, m = token_cache(a.data, a.model or default_model(CACHE), a.held_out, a.text_field, cache=a.cache)
-    except (ValueError, FileNotFoundError) as e:  # bad sources, files, model folder: one line, no traceback
-        raise SystemExit(f"error: {e}") from e
+    folder, m = token_cache(a.data, a.model or default_model(CACHE), a.held_out, a.text_field, cache=a.cache)
     for s in SIDES:
         print(f"{s:<9}{m[s]['documents']:>12,} documents{m[s]['tokens']:>15,} tokens  {os.path.join(folder, s)}.bin ({m['dtype']})")
 

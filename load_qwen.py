@@ -388,7 +388,8 @@ def default_model(cache: str) -> str:
     return convert_gguf(gguf_file, out)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, config=None):
+    """The folder's tokenizer.json, checked against its config.json (or `config`, already read)."""
     from tokenizers import Tokenizer
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
@@ -397,7 +398,7 @@ def load_tokenizer(path: str):
         tok = Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a plain Exception for a malformed file
         raise CheckpointError(f"cannot read {file}: {e}; restore it from the original model") from e
-    vocab = load_config(path).vocab_size
+    vocab = (config or load_config(path)).vocab_size
     if tok.get_vocab_size() > vocab:  # its ids would index past the embedding
         raise CheckpointError(f"{file} has {tok.get_vocab_size()} tokens, more than the model's vocab_size {vocab}: "
                               "it belongs to another model")

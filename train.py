@@ -27,8 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from data import CACHE, KINDS, ROOT, Windows, load_splits
-from load_qwen import (cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, pick_device,
-                       precision, trainable)
+from load_qwen import cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, pick_device, precision, trainable
 from model import OuroborosConfig
 
 # ----------------------------------------------------------------------------------------------
