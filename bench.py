@@ -425,7 +425,7 @@ def main():
         else:
             tokenizer = load_tokenizer(model)
             with tempfile.TemporaryDirectory() as tmp:  # corpora of up to ~400 MB, removed after
-                rows.append(row_data_memory(model, tokenizer, (3e5, 3e6) if a.quick else (1e7, 1e8), tmp))
+                rows.append(row_data_memory(model, tokenizer, (1e6, 4e6) if a.quick else (1e7, 1e8), tmp))
                 rows.append(row_tokenise(model, tokenizer, 5e5 if a.quick else 2e6, tmp, reps))
 
     print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")

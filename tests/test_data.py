@@ -186,7 +186,8 @@ def write_bad(folder, kind):
     ("not gzip", "cannot read .*Not a gzipped file"),
     ("bad line", "line 3: needs a JSON object"),  # found mid-stream: what was written is removed
 ])
-def test_refused_inputs_give_one_line_and_write_nothing(model, corpus, tmp_path, capsys, kind, message):
+def test_refused_inputs_give_one_line_and_write_nothing(model, corpus, tmp_path, capsys, monkeypatch, kind, message):
+    monkeypatch.setattr(data, "BATCH_CHARS", 500)  # batches of the good files are written before a bad line is met
     bad = write_bad(str(tmp_path), kind)
     cache = tmp_path / "cache"
     with pytest.raises(SystemExit) as e:
