@@ -12,6 +12,9 @@ Rows
  3. controller overhead: one recurrent step with controller + SVD-LoRA + step norm + gate vs the
     bare layer (forward + backward)
  4. torch.compile of the recurrent step, on vs off
+ 7. decoding one token at 512 tokens of context, depth 8, batch 1: KV cache (model.KVCache) vs
+    recomputing the whole sequence; the cache's memory per token
+ 8. prefill of a 512-token prompt into the cache vs the plain forward of the same tokens
 """
 import argparse
 import contextlib
@@ -378,6 +381,33 @@ def row_tokenise(model, tokenizer, tokens, tmp, reps):
             f"{n / 1e6:.1f}M tokens, SmolLM2 tokenizer, {os.cpu_count()} cores; the limit is 1.00x")
 
 
+def rows_decode(device, dtype, reps, context=512, depth=8):
+    model = random_ouroboros(SMOLLM2, 8, 8, 32, dtype, device).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    ids = torch.randint(0, SMOLLM2["vocab_size"], (1, context + 1), device=device)
+    cache = model.new_cache(1, context + 1, depth)
+
+    def cached():  # the last token, after `context` cached ones (rewinding makes every call the same)
+        cache.pos = context
+        return model.decode(ids[:, -1:], cache)[0]
+
+    def prefill():
+        return model.decode(ids[:, :-1], model.new_cache(1, context + 1, depth))[0]
+
+    with torch.no_grad(), autocast:
+        model.decode(ids[:, :-1], cache)
+        delta = (cached()[0, -1].float() - model(ids, depth)[0, -1].float()).abs().max().item()
+        t_cached, t_full = timed([cached, lambda: model(ids, depth)], device, reps)
+        t_prefill, t_forward = timed([prefill, lambda: model(ids[:, :-1], depth)], device, reps)
+    shape = f"SmolLM2 shape, 8 + [15] x {depth} + 8, batch 1, {dtype_name(dtype)}"
+    kib = cache.bytes_per_token() / 2**10
+    return [(f"7. decode one token after {context} of context, {shape}", f"{1 / t_cached:,.1f} tok/s KV cache",
+             f"{1 / t_full:,.2f} tok/s recomputing the sequence", t_full / t_cached,
+             f"KV cache {kib:.1f} KiB per token ({len(cache.k)} slots); max|dlogits| vs the full forward {delta:.1e}"),
+            (f"8. prefill {context} tokens, {shape}", f"{context / t_prefill:,.0f} tok/s into the cache",
+             f"{context / t_forward:,.0f} tok/s plain forward", t_forward / t_prefill, "")]
+
+
 def dtype_name(dtype):
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
@@ -427,6 +457,9 @@ def main():
             with tempfile.TemporaryDirectory() as tmp:  # corpora of up to ~400 MB, removed after
                 rows.append(row_data_memory(model, tokenizer, (1e6, 4e6) if a.quick else (1e7, 1e8), tmp))
                 rows.append(row_tokenise(model, tokenizer, 5e5 if a.quick else 2e6, tmp, reps))
+    rows += rows_decode(cpu, torch.float32, reps)
+    if gpu:
+        rows += rows_decode(gpu, torch.bfloat16, reps)
 
     print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")
     for name, ours, ref, ratio, note in rows:

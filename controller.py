@@ -70,15 +70,19 @@ class Controller(nn.Module):
         for head in self.heads.values():
             nn.init.zeros_(head.weight)  # zero diagonals at start: the loop begins as the bare layer
 
-    def pooled(self, h):
+    def pooled(self, h, prefix=None):
+        """prefix (cached decoding): (sum of h over the positions before h [B, d], their count)."""
         h = h.float()  # a running sum over thousands of positions needs fp32
         if self.pool == "mean":
             return h.mean(dim=1)
-        count = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype)
-        return h.cumsum(dim=1) / count[:, None]
+        total, start = h.cumsum(dim=1), 0
+        if prefix is not None:
+            total, start = prefix[0][:, None] + total, prefix[1]
+        count = torch.arange(start + 1, start + h.shape[1] + 1, device=h.device, dtype=h.dtype)
+        return total / count[:, None]
 
-    def forward(self, h, step: int):
-        u = F.silu(self.state_proj(self.pooled(h)))
+    def forward(self, h, step: int, prefix=None):
+        u = F.silu(self.state_proj(self.pooled(h, prefix)))
         e = self.step_embed.weight[step].expand(*u.shape[:-1], -1)
         z = self.mlp(torch.cat([u, e], dim=-1))
         return {t: head(z) for t, head in self.heads.items()}
@@ -91,7 +95,7 @@ class StaticDiagonals(nn.Module):
         super().__init__()
         self.table = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
 
-    def forward(self, h, step: int):
+    def forward(self, h, step: int, prefix=None):  # prefix: unused, the table is blind to the input
         return {t: self.table[step, i] for i, t in enumerate(TARGETS)}
 
 

@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 from data import ROOT, Windows, load_splits
 from load_qwen import cli, load_model, load_run, pick_device, precision, run_config
@@ -76,6 +77,80 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto"):
     return result
 
 
+@torch.no_grad()
+def decoded_loss(model, windows: Windows, n: int, batch: int, depth: int, exit, device, autocast):
+    """(loss, mean recurrent steps per token) of held-out windows decoded token by token through the
+    KV cache, teacher-forced: exactly what decoding does, each window's exits its own."""
+    idx = windows.spread(n)
+    loss = steps = 0.0
+    for i in range(0, len(idx), batch):
+        x, y = windows.batch(idx[i:i + batch], device)
+        cache = model.new_cache(len(x), x.shape[1], depth)
+        for t in range(x.shape[1]):
+            with autocast:
+                logits, s = model.decode(x[:, t:t + 1], cache, exit)
+            loss += F.cross_entropy(logits[:, 0].float(), y[:, t], reduction="sum").item()
+            steps += s.sum().item()
+    return loss / (len(idx) * windows.seq_len), steps / (len(idx) * windows.seq_len)
+
+
+def evaluate_adaptive(run, depths, thresholds, windows, criterion="latent-diff", device_name="auto",
+                      precision_mode="auto"):
+    """Adaptive depth on held-out text: fixed depths, then `criterion` at each threshold up to max(depths)."""
+    device = pick_device(device_name)
+    dtype, autocast = precision(device, precision_mode)
+    model, cfg = load_run(run, dtype, device)
+    tokens = load_splits(list(cfg["data"]), cfg["model"], cfg["held_out"], load_tokenizer(cfg["model"]),
+                         eos_id(cfg["model"]))[1]
+    held = Windows(tokens, cfg["seq_len"])
+    measure = lambda d, exit: decoded_loss(model, held, windows, cfg["batch_size"], d, exit, device, autocast)
+    rows = [{"depth": d, "threshold": None, **dict(zip(("loss", "steps"), measure(d, None)))} for d in depths]
+    for th in thresholds:
+        rows.append({"depth": max(depths), "threshold": th,
+                     **dict(zip(("loss", "steps"), measure(max(depths), (criterion, th))))})
+        print(f"{criterion} {th}: loss {rows[-1]['loss']:.3f}, {rows[-1]['steps']:.2f} steps", file=sys.stderr)
+    return {"run": run, "label": label(cfg), "criterion": criterion, "windows": windows, "seq_len": cfg["seq_len"],
+            "rows": rows}
+
+
+def adaptive_markdown(result, tolerance=0.02) -> str:
+    deepest = max((r for r in result["rows"] if r["threshold"] is None), key=lambda r: r["depth"])
+    out = [f"`{result['run']}` ({result['label']}), held-out documents, {result['windows']} windows x "
+           f"{result['seq_len']} tokens decoded token by token through the KV cache (teacher-forced).", "",
+           "| decoding | mean recurrent steps per token | held-out loss |", "|---|---|---|"]
+    for r in result["rows"]:
+        what = (f"fixed depth {r['depth']}" if r["threshold"] is None
+                else f"{result['criterion']} < {r['threshold']:g}, at most {r['depth']}")
+        out.append(f"| {what} | {r['steps']:.2f} | {r['loss']:.3f} |")
+    close = [r for r in result["rows"] if r["threshold"] is not None and r["loss"] <= deepest["loss"] + tolerance]
+    if close:
+        best = min(close, key=lambda r: r["steps"])
+        out += ["", f"Within {tolerance} nats of fixed depth {deepest['depth']} ({deepest['loss']:.3f}): "
+                f"{best['steps']:.2f} steps per token ({100 * best['steps'] / deepest['depth']:.0f}% of "
+                f"{deepest['depth']}), at threshold {best['threshold']:g}."]
+    else:
+        out += ["", f"No threshold came within {tolerance} nats of fixed depth {deepest['depth']}."]
+    return "\n".join(out)
+
+
+def adaptive_plot(result, file):
+    plt = pyplot()
+    if plt is None:
+        return None
+    fixed = [r for r in result["rows"] if r["threshold"] is None]
+    exits = [r for r in result["rows"] if r["threshold"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["steps"] for r in fixed], [r["loss"] for r in fixed], "o-", label="fixed depth")
+    ax.plot([r["steps"] for r in exits], [r["loss"] for r in exits], "s--", label=result["criterion"] + " exit")
+    for r in exits:
+        ax.annotate(f"{r['threshold']:g}", (r["steps"], r["loss"]), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.set(xlabel="mean recurrent steps per token", ylabel="held-out loss (nats)", title=result["label"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    return file
+
+
 def stats(values):
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
@@ -109,13 +184,21 @@ def markdown(result) -> str:
     return "\n".join(out)
 
 
-def plot(result, file):
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (with a hint) when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(result, file):
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, s in zip(axes, SPLITS):
@@ -145,6 +228,9 @@ def main(argv=None):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16: bf16 base + autocast (auto: on GPUs, fp32 on the CPU)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    p.add_argument("--adaptive", default=None, metavar="THRESHOLDS",
+                   help="instead: adaptive depth (latent-diff exit) of the first run at these comma-separated "
+                        "thresholds, decoded through the KV cache, next to the fixed --depths (adaptive.md/.json/.png)")
     a = p.parse_args(argv)
     device = pick_device(a.device)
     depths = [1, 4, 8] + [16] * (device.type == "cuda")
@@ -155,19 +241,29 @@ def main(argv=None):
             problems += [f"--depths {a.depths!r}: each depth must be in 1..64"] * (not all(1 <= d <= 64 for d in depths))
         except ValueError:
             problems.append(f"--depths {a.depths!r}: give comma-separated integers, e.g. 1,4,8")
+    if a.adaptive is not None:
+        try:
+            thresholds = [float(t) for t in a.adaptive.split(",")]
+        except ValueError:
+            problems.append(f"--adaptive {a.adaptive!r}: give comma-separated numbers, e.g. 0.03,0.05,0.1")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
-    result = evaluate(a.run, depths, a.windows, a.device, a.precision)
+    if a.adaptive is None:
+        result = evaluate(a.run, depths, a.windows, a.device, a.precision)
+    else:
+        result = evaluate_adaptive(a.run[0], depths, thresholds, a.windows, device_name=a.device,
+                                   precision_mode=a.precision)
     out = a.out or a.run[0]
     os.makedirs(out, exist_ok=True)
-    table = markdown(result)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    stem, table, draw = (("results", markdown(result), plot) if a.adaptive is None
+                         else ("adaptive", adaptive_markdown(result), adaptive_plot))
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(table + "\n")
-    png = plot(result, os.path.join(out, "results.png"))
+    png = draw(result, os.path.join(out, f"{stem}.png"))
     print(json.dumps(result, indent=2) if a.json else table)
-    print(f"wrote {out}/results.json, results.md" + (", results.png" if png else ""), file=sys.stderr)
+    print(f"wrote {out}/{stem}.json, {stem}.md" + (f", {stem}.png" if png else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,14 @@
-"""Load local HF-format Qwen2 / Llama folders (config.json, safetensors, tokenizer.json). No hub.
-
-    python load_qwen.py DIR --prompt "The capital of France is"
-"""
-import argparse
+"""Load local HF-format Qwen2 / Llama folders (config.json, safetensors, tokenizer.json), GGUF
+files and trained runs. No hub."""
 import functools
 import json
 import os
-import sys
-import time
 
 import torch
 from safetensors import safe_open
 
 from controller import TARGETS, svd_bases
-from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, generate, projection
+from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection
 
 
 class CheckpointError(ValueError):
@@ -503,30 +498,3 @@ def load_run(run: str, dtype=torch.float32, device="cpu"):
                            cfg["variant"], cfg["gate"], cfg["pool"], dtype=dtype, device=device)
     load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
     return model.eval(), cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# a first look
-
-@cli
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="HF-format model folder")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    args = p.parse_args(argv)
-
-    cfg = load_config(args.model)
-    print(cfg)
-    tok = load_tokenizer(args.model)  # the small files first: a missing one is named before the weights load
-    t0 = time.time()
-    model = load_model(args.model)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"{n:,} parameters, loaded in {time.time() - t0:.1f}s")
-    ids = torch.tensor([tok.encode(args.prompt).ids])
-    out = generate(model, ids, args.max_new_tokens, cfg.eos_token_id)
-    print(repr(tok.decode(out[0].tolist())))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

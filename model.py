@@ -88,15 +88,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
 
-    def forward(self, x, cos, sin, diag=None):
+    def forward(self, x, cos, sin, diag=None, cache=None, slot=0):
         B, T, _ = x.shape
         q = project(self.q_proj, x, diag, "q").view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = project(self.k_proj, x, diag, "k").view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = project(self.v_proj, x, diag, "v").view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # decoding: this chunk's K/V go into the slot; attend over the whole prefix
+            k, v = cache.update(slot, k, v)
         # Causal mask requested explicitly (never left to a backend default); is_causal keeps the
         # fused flash / memory-efficient kernels available, and enable_gqa avoids copying K/V per head.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        # A chunk after a cached prefix (S > T) needs the mask shifted by the prefix; one token needs none.
+        S = k.shape[2]
+        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S > 1,
+                                           enable_gqa=self.n_kv != self.n_head)
         return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), diag, "o")
 
 
@@ -122,8 +128,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, diag=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, diag)
+    def forward(self, x, cos, sin, diag=None, cache=None, slot=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, diag, cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x), diag)
 
 
@@ -142,33 +148,72 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def rope(self, T: int, like: torch.Tensor):
-        return rope_cos_sin(self.config, T, like.device, like.dtype)
+    def rope(self, T: int, like: torch.Tensor, cache=None):
+        """cos/sin for the T positions after the cache's (from 0 without one)."""
+        start = 0 if cache is None else cache.pos
+        cos, sin = rope_cos_sin(self.config, start + T, like.device, like.dtype)
+        return cos[start:], sin[start:]
 
-    def forward(self, input_ids, labels=None):
+    def forward(self, input_ids, labels=None, cache=None):
         """input_ids [B, T] -> logits [B, T, vocab], running every layer this model holds.
-        With labels [B, T] (already aligned: labels[t] is the token after input_ids[t]) -> mean loss."""
+        With labels [B, T] (already aligned: labels[t] is the token after input_ids[t]) -> mean loss.
+        With a cache (decoding): input_ids continue the positions it holds, one slot per layer."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(input_ids.shape[1], x)
-        for layer in self.layers.values():
-            x = layer(x, cos, sin)
+        cos, sin = self.rope(input_ids.shape[1], x, cache)
+        for slot, layer in enumerate(self.layers.values()):
+            x = layer(x, cos, sin, cache=cache, slot=slot)
+        if cache is not None:
+            cache.pos += input_ids.shape[1]
         return self.head(x, labels)
+
+    def new_cache(self, batch: int, max_len: int):
+        w = self.embed_tokens.weight
+        return KVCache(self.config, len(self.layers), batch, max_len, w.dtype, w.device)
 
     def head(self, x, labels=None):
         x = self.norm(x)
         return self.lm_head(x) if labels is None else lm_loss(x, self.lm_head.weight, labels)
 
 
-@torch.no_grad()
-def generate(logits_fn, input_ids, max_new_tokens: int, eos_token_id=None):
-    """Greedy decoding. Recomputes the whole prefix each token: simple, and fine for short demos."""
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    for _ in range(max_new_tokens):
-        nxt = logits_fn(input_ids)[:, -1].argmax(-1, keepdim=True)
-        input_ids = torch.cat([input_ids, nxt], dim=1)
-        if input_ids.shape[0] == 1 and nxt.item() in eos:
-            break
-    return input_ids
+class KVCache:
+    """The decoding state, preallocated once (gpt-fast style): keys and values of every attention
+    slot at every position, written at the positions being decoded; `pos` positions are done.
+
+    The full model has one slot per layer. Ouroboros has one per prelude layer, one per recurrent
+    step (each step attends to its own K/V, as in Huginn) and one per coda layer, and it carries the
+    controller's causal prefix mean as a running sum per step (`sums`, fp32)."""
+
+    def __init__(self, cfg: Qwen2Config, slots: int, batch: int, max_len: int, dtype, device, steps: int = 0):
+        shape = (slots, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.sums = [torch.zeros(batch, cfg.hidden_size, device=device) for _ in range(steps)]
+        self.pos = 0
+
+    def update(self, slot: int, k, v):
+        """Write a chunk's K/V [B, n_kv, T, hd] at pos..pos+T-1; return the slot's K/V for 0..pos+T-1."""
+        end = self.pos + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"{end} positions do not fit a cache of {self.k.shape[3]}: make it longer")
+        self.k[slot, :, :, self.pos:end] = k
+        self.v[slot, :, :, self.pos:end] = v
+        return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
+
+    def carry(self, slot: int, stopped):
+        """Tokens that stopped (stopped [B, T]) keep the K/V of their last computed step in `slot`."""
+        end, m = self.pos + stopped.shape[1], stopped[:, None, :, None]
+        for kv in (self.k, self.v):
+            kv[slot, :, :, self.pos:end] = torch.where(m, kv[slot - 1, :, :, self.pos:end], kv[slot, :, :, self.pos:end])
+
+    def running_sum(self, step: int, h):
+        """(sum of step `step`'s input state over the positions before this chunk [B, d], their count);
+        the chunk's states are added for the next call."""
+        before = self.sums[step]
+        self.sums[step] = before + h.float().sum(1)
+        return before, self.pos
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.k[:, 0, :, 0].numel() * self.k.element_size()
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
@@ -283,17 +328,20 @@ class Ouroboros(nn.Module):
     def layer(self, i):
         return self.base.layers[str(i)]
 
-    def step(self, h, k: int, cos, sin):
-        """Recurrent step k: h_old -> h."""
-        diag = None if self.diagonals is None else self.diagonals(h, k)
-        h_new = self.step_norm(self.recurrent(h, cos, sin, diag), k)
+    def step(self, h, k: int, cos, sin, cache=None):
+        """Recurrent step k: h_old -> h. With a cache, attention uses step k's slot and the controller
+        pools over the running sum of the positions before this chunk."""
+        if self.diagonals is None:
+            diag = None
+        else:
+            diag = self.diagonals(h, k, None if cache is None else cache.running_sum(k, h))
+        h_new = self.recurrent(h, cos, sin, diag, cache, len(self.prelude_ids) + k)
+        h_new = self.step_norm(h_new, k)
         return self.gate(h_new, h) if self.gate is not None else h_new
 
     def forward(self, input_ids, depth: int, labels=None):
         """Logits [B, T, V], or the mean loss when labels (aligned with input_ids) are given."""
-        if not 1 <= depth <= self.config.max_steps:
-            raise ValueError(f"depth {depth} must be in 1..{self.config.max_steps} (max_steps: one step "
-                             "embedding and one norm row per step)")
+        self.check_depth(depth)
         x, cos, sin = self.embed_prelude(input_ids)
         for k in range(depth):
             if self.checkpoint_steps and torch.is_grad_enabled():
@@ -302,19 +350,77 @@ class Ouroboros(nn.Module):
                 x = self.step(x, k, cos, sin)
         return self.coda_head(x, cos, sin, labels)
 
-    def pruned(self, input_ids, labels=None):
-        """The baseline: prelude -> recurrent layer once, unmodulated -> coda. Nothing trained."""
-        x, cos, sin = self.embed_prelude(input_ids)
-        return self.coda_head(self.recurrent(x, cos, sin), cos, sin, labels)
+    def check_depth(self, depth: int):
+        if not 1 <= depth <= self.config.max_steps:
+            raise ValueError(f"depth {depth} must be in 1..{self.config.max_steps} (max_steps: one step "
+                             "embedding and one norm row per step)")
 
-    def embed_prelude(self, input_ids):
+    def pruned(self, input_ids, labels=None, cache=None):
+        """The baseline: prelude -> recurrent layer once, unmodulated -> coda. Nothing trained.
+        Decodes with a cache from new_cache(..., depth=1)."""
+        x, cos, sin = self.embed_prelude(input_ids, cache)
+        x = self.recurrent(x, cos, sin, cache=cache, slot=len(self.prelude_ids))
+        return self.coda_head(x, cos, sin, labels, cache)
+
+    def new_cache(self, batch: int, max_len: int, depth: int) -> KVCache:
+        """The decoding state for `depth` recurrent steps (the most any token will run)."""
+        self.check_depth(depth)
+        if isinstance(self.diagonals, Controller) and self.diagonals.pool == "mean":
+            raise ValueError("this run's controller pools over the whole sequence (pool='mean'): every new token "
+                             "would change the diagonals of all tokens before it (the pooling sees the future), "
+                             "so it cannot decode with a cache; use --no-cache")
+        cfg, w = self.base.config, self.base.embed_tokens.weight
+        slots = len(self.prelude_ids) + depth + len(self.coda_ids)
+        return KVCache(cfg, slots, batch, max_len, w.dtype, w.device, steps=depth)
+
+    def decode(self, input_ids, cache: KVCache, exit=None):
+        """Cached decoding of input_ids [B, T], which follow the cache's positions (the whole prompt
+        first, then a token at a time). Returns logits [B, T, V] and the recurrent steps each token ran.
+
+        exit = (criterion, threshold), one of EXITS: after each step a token whose criterion falls
+        below the threshold stops; the others run on, up to the cache's depth. A token that stopped
+        after step e computes nothing more, and for every later step k it counts as if its state had
+        stayed h_e: its K/V in step k's slot are those of its last computed step (as Huginn and Ouro
+        fill them), and it adds h_e to step k's running sum of the controller."""
+        depth, P = len(cache.sums), len(self.prelude_ids)
+        x, cos, sin = self.embed_prelude(input_ids, cache)
+        stopped = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        steps = torch.full(input_ids.shape, depth, device=input_ids.device)
+        for k in range(depth):
+            if exit is not None and stopped.all():  # nothing left to compute: carry every token forward
+                cache.carry(P + k, stopped)
+                cache.running_sum(k, x)
+                continue
+            h = self.step(x, k, cos, sin, cache)
+            if exit is not None:
+                cache.carry(P + k, stopped)
+                h = torch.where(stopped[..., None], x, h)
+                stop = ~stopped & (EXITS[exit[0]](x, h) < exit[1])
+                steps[stop] = k + 1
+                stopped |= stop
+            x = h
+        return self.coda_head(x, cos, sin, None, cache), steps
+
+    def embed_prelude(self, input_ids, cache=None):
         x = self.base.embed_tokens(input_ids)
-        cos, sin = self.base.rope(input_ids.shape[1], x)
-        for i in self.prelude_ids:
-            x = self.layer(i)(x, cos, sin)
+        cos, sin = self.base.rope(input_ids.shape[1], x, cache)
+        for slot, i in enumerate(self.prelude_ids):
+            x = self.layer(i)(x, cos, sin, cache=cache, slot=slot)
         return x, cos, sin
 
-    def coda_head(self, x, cos, sin, labels):
-        for i in self.coda_ids:
-            x = self.layer(i)(x, cos, sin)
+    def coda_head(self, x, cos, sin, labels, cache=None):
+        first = 0 if cache is None else len(cache.k) - len(self.coda_ids)  # the coda's slots come last
+        for j, i in enumerate(self.coda_ids):
+            x = self.layer(i)(x, cos, sin, cache=cache, slot=first + j)
+        if cache is not None:
+            cache.pos += x.shape[1]
         return self.base.head(x, labels)
+
+
+def latent_diff(h_old, h):
+    """Huginn's exit criterion: the relative change of the state, ||h_k - h_{k-1}|| / ||h_k||, per token."""
+    h_old, h = h_old.float(), h.float()
+    return (h - h_old).norm(dim=-1) / h.norm(dim=-1)
+
+
+EXITS = {"latent-diff": latent_diff}

@@ -33,6 +33,15 @@ def make_checkpoint(path, arch="qwen2", layers=4, hidden=64, heads=4, kv_heads=2
     return model
 
 
+def randomise_trainable(model, seed=0, scale=0.3):
+    """Move every trainable tensor off its initial value so the modulations are really non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
 @pytest.fixture
 def tiny_qwen(tmp_path):
     path = str(tmp_path / "qwen")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, randomise_trainable
 from controller import TARGETS, Controller, Gate, StepNorm, svd_bases
 from load_qwen import load_model, load_ouroboros
 from model import lm_loss
@@ -17,15 +17,6 @@ def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "qwen")
     hf = make_checkpoint(path, layers=7)
     return path, hf
-
-
-def randomise_trainable(model, seed=0):
-    """Move every trainable tensor off its initial value so the modulations are really non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
 def ids(*shape, seed=0):

@@ -1,0 +1,162 @@
+"""Sample from a trained Ouroboros run, its pruned baseline, or any pretrained Qwen2 / Llama folder.
+
+    python generate.py --prompt "The os module"                        # the full SmolLM2-135M (offline)
+    python generate.py --model DIR --prompt "..."                      # any HF Qwen2 / Llama folder
+    python generate.py --run runs/controller-causal-s0 --prompt "..." --depth 8
+    python generate.py --run runs/controller-causal-s0 --prompt "..." --exit latent-diff 0.05
+    python generate.py --run runs/controller-causal-s0 --pruned --prompt "..."
+
+Decoding is cached (model.KVCache): the prompt in one pass, then one token at a time, computing the
+same logits as the full forward (tests/test_decode.py). --no-cache recomputes the whole sequence for
+every token. --exit lets each token stop looping once the criterion falls below the threshold.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from data import CACHE
+from load_qwen import cli, default_model, load_config, load_model, load_run, load_tokenizer, pick_device, precision
+from model import EXITS
+
+
+def pick_token(logits, temperature: float, top_k: int, top_p: float, generator):
+    """logits [B, V] -> next token [B, 1]: greedy at temperature 0, else sampled after top-k, then top-p."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:  # nucleus: the most likely tokens whose mass reaches top_p (always at least one)
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(decode, prompt, max_new_tokens: int, pick, eos=()):
+    """decode(ids [1, T]) -> (logits [1, T, V], recurrent steps [1, T]) continues the sequence so far.
+    Returns (new token ids, the steps run at the position that predicted each, prefill s, decode s)."""
+    t0 = time.perf_counter()
+    logits, steps = decode(prompt)
+    prefill = time.perf_counter() - t0
+    tokens, depths = [], []
+    for i in range(max_new_tokens):
+        nxt = pick(logits[:, -1])
+        tokens.append(nxt.item())
+        depths.append(steps[0, -1].item())
+        if tokens[-1] in eos or i == max_new_tokens - 1:
+            break
+        logits, steps = decode(nxt)
+    return tokens, depths, prefill, time.perf_counter() - t0 - prefill
+
+
+def decoder(model, a, max_len: int):
+    """decode(new ids) for generate(): cached, or recomputing the whole sequence (--no-cache)."""
+    if a.run is None:
+        full = lambda ids, cache=None: (model(ids, cache=cache), torch.zeros_like(ids))  # no loop: 0 steps
+        new_cache = lambda: model.new_cache(1, max_len)
+    elif a.pruned:
+        full = lambda ids, cache=None: (model.pruned(ids, cache=cache), torch.ones_like(ids))
+        new_cache = lambda: model.new_cache(1, max_len, depth=1)
+    else:
+        if not a.no_cache:
+            cache = model.new_cache(1, max_len, a.depth)
+            return lambda ids: model.decode(ids, cache, a.exit)
+        full = lambda ids: (model(ids, a.depth), torch.full_like(ids, a.depth))
+    if not a.no_cache:
+        cache = new_cache()
+        return lambda ids: full(ids, cache)
+    seq = []
+
+    def recompute(ids):
+        seq.append(ids)
+        logits, steps = full(torch.cat(seq, dim=1))
+        return logits[:, -ids.shape[1]:], steps[:, -ids.shape[1]:]
+    return recompute
+
+
+def check(a):
+    problems = []
+    if a.run is None and (a.pruned or a.depth or a.exit):
+        problems.append("--pruned, --depth and --exit need --run (a trained Ouroboros run)")
+    if a.pruned and (a.depth or a.exit):
+        problems.append("the pruned baseline runs the recurrent layer once: no --depth or --exit")
+    if a.exit:
+        try:
+            a.exit = (a.exit[0], float(a.exit[1]))
+        except ValueError:
+            a.exit = (a.exit[0], None)
+        if a.exit[0] not in EXITS or a.exit[1] is None:
+            problems.append(f"--exit {a.exit[0]} ...: give a criterion ({', '.join(EXITS)}) and a number, "
+                            "e.g. --exit latent-diff 0.05")
+    if a.exit and a.no_cache:
+        problems.append("--exit decides per token while decoding with the cache: drop --no-cache")
+    if a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
+        problems.append("--max-new-tokens must be >= 1, --temperature and --top-k >= 0, --top-p in (0, 1]")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+@cli
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF-format Qwen2/Llama folder (default: SmolLM2-135M, offline)")
+    p.add_argument("--run", default=None, help="a run folder written by train.py: sample the trained model")
+    p.add_argument("--pruned", action="store_true", help="with --run: sample the pruned baseline instead")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--depth", type=int, default=None, help="recurrent steps per token (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=200, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exit", nargs=2, metavar=("CRITERION", "THRESHOLD"),
+                   help=f"adaptive depth per token: {', '.join(EXITS)} and a threshold, e.g. latent-diff 0.05")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16: bf16 base + autocast (auto: on GPUs, fp32 on the CPU)")
+    p.add_argument("--json", action="store_true", help="print token ids and per-token depth as JSON")
+    a = p.parse_args(argv)
+    check(a)
+    device = pick_device(a.device)
+    dtype, autocast = precision(device, a.precision)
+    if a.run is not None:
+        if a.model is not None:
+            raise ValueError("--model and --run: a run names its own model (in its config.json); give one")
+        model, cfg = load_run(a.run, dtype, device)
+        model_dir, a.depth = cfg["model"], a.depth or (None if a.pruned else 8)
+    else:
+        model_dir = a.model or default_model(CACHE)
+        model = load_model(model_dir, dtype, device)
+    tok = load_tokenizer(model_dir)
+    eos = load_config(model_dir).eos_token_id
+    prompt = torch.tensor([tok.encode(a.prompt).ids], device=device)
+    if prompt.shape[1] == 0:
+        raise ValueError("--prompt encodes to no tokens: give some text")
+    decode = decoder(model, a, prompt.shape[1] + a.max_new_tokens)
+    gen = torch.Generator(device).manual_seed(a.seed)
+    pick = lambda logits: pick_token(logits, a.temperature, a.top_k, a.top_p, gen)
+    with autocast:
+        tokens, depths, prefill, dt = generate(decode, prompt, a.max_new_tokens, pick,
+                                               {eos} if isinstance(eos, int) else set(eos or []))
+    speed = (len(tokens) - 1) / dt if len(tokens) > 1 else float("nan")  # forward passes after the prefill
+    if a.json:
+        print(json.dumps({"prompt_ids": prompt[0].tolist(), "ids": tokens, "depths": depths,
+                          "text": tok.decode(tokens), "tokens_per_s": speed, "prefill_s": prefill}))
+        return
+    print(a.prompt + tok.decode(tokens))
+    what = "full model" if a.run is None else "pruned baseline" if a.pruned else f"depth {a.depth}"
+    steps = f", {sum(depths) / len(depths):.2f} recurrent steps per token" if a.exit else ""
+    print(f"\n[{what}, {'no cache' if a.no_cache else 'cached'}: {len(tokens)} tokens, {speed:.1f} tok/s{steps}; "
+          f"prefill of {prompt.shape[1]} tokens {prefill * 1e3:.0f} ms]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,206 @@
+"""Cached decoding and adaptive depth: the KV cache gives the full forward's logits, exactly."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import data
+import eval as evaluation
+import generate
+import train
+from conftest import make_checkpoint, make_corpus, make_model_folder, randomise_trainable
+from load_qwen import load_model, load_ouroboros
+from model import latent_diff
+
+SPLIT = dict(prelude=2, recurrent=3, coda=2)  # of 7 layers
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt") / "qwen")
+    make_checkpoint(path, layers=7)
+    return path
+
+
+def ids(*shape, seed=0):
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def chunked(decode, x, cuts):
+    """Logits (and steps) of x decoded in chunks ending at `cuts`, then one token at a time."""
+    out, start = [], 0
+    for end in list(cuts) + list(range(cuts[-1] + 1, x.shape[1] + 1)):
+        out.append(decode(x[:, start:end]))
+        start = end
+    return [torch.cat(parts, dim=1) for parts in zip(*out)]
+
+
+@pytest.mark.parametrize("variant", ["controller", "static", "none"])
+@pytest.mark.parametrize("gate", [True, False])
+def test_cached_decoding_gives_the_full_forward_logits(ckpt, variant, gate):
+    model = load_ouroboros(ckpt, **SPLIT, variant=variant, gate=gate)
+    randomise_trainable(model, scale=0.1)  # at 0.3 the no-gate loop is chaotic: rounding alone moves logits by 1e-3
+    x, depth = ids(2, 20), 3
+    with torch.no_grad():
+        want = model(x, depth=depth)
+        assert (want - model(x, depth=depth - 1)).abs().max() > 1e-2  # the steps matter: a missing one shows
+        one_go, steps = model.decode(x, model.new_cache(2, 20, depth))
+        cache = model.new_cache(2, 20, depth)
+        pieces, steps_pieces = chunked(lambda t: model.decode(t, cache), x, cuts=[7, 12])  # prompt, chunk, tokens
+    assert (one_go - want).abs().max() <= TOL
+    assert (pieces - want).abs().max() <= TOL
+    assert steps.eq(depth).all() and steps_pieces.eq(depth).all() and cache.pos == 20
+
+
+def test_full_model_cached_decoding(ckpt):
+    model = load_model(ckpt)
+    x = ids(2, 20)
+    with torch.no_grad():
+        want = model(x)
+        cache = model.new_cache(2, 20)
+        got, = chunked(lambda t: (model(t, cache=cache),), x, cuts=[5])
+    assert (got - want).abs().max() <= TOL
+
+
+def test_pruned_cached_decoding(ckpt):
+    model = load_ouroboros(ckpt, **SPLIT)
+    x = ids(1, 16)
+    with torch.no_grad():
+        want = model.pruned(x)
+        cache = model.new_cache(1, 16, depth=1)
+        got, = chunked(lambda t: (model.pruned(t, cache=cache),), x, cuts=[4])
+    assert (got - want).abs().max() <= TOL
+
+
+def test_cache_overflow_and_mean_pool_are_refused(ckpt):
+    model = load_ouroboros(ckpt, **SPLIT)
+    with pytest.raises(ValueError, match="do not fit a cache of 8"):
+        model.decode(ids(1, 9), model.new_cache(1, 8, 2))
+    mean = load_ouroboros(ckpt, **SPLIT, pool="mean")
+    with pytest.raises(ValueError, match="sees the future.*--no-cache"):
+        mean.new_cache(1, 8, 2)
+
+
+def options(**kw):
+    return argparse.Namespace(**{"run": "run", "pruned": False, "no_cache": False, "depth": 3, "exit": None, **kw})
+
+
+def test_greedy_tokens_identical_with_and_without_cache(ckpt):
+    model = load_ouroboros(ckpt, **SPLIT)
+    randomise_trainable(model, scale=0.1)
+    prompt, greedy = ids(1, 6), lambda logits: logits.argmax(-1, keepdim=True)
+    runs = [generate.generate(generate.decoder(model, options(no_cache=no_cache), 30), prompt, 24, greedy)
+            for no_cache in (False, True)]
+    assert runs[0][:2] == runs[1][:2]
+    assert len(set(runs[0][0])) > 3 and runs[0][1] == [3] * 24  # not one token repeated
+
+
+def test_exit_that_never_fires_is_fixed_depth_and_one_that_always_fires_is_depth_one(ckpt):
+    model = load_ouroboros(ckpt, **SPLIT)
+    randomise_trainable(model, scale=0.1)
+    x = ids(2, 12)
+    never, always = model.new_cache(2, 12, 3), model.new_cache(2, 12, 3)
+    with torch.no_grad():
+        got_never, s_never = chunked(lambda t: model.decode(t, never, ("latent-diff", 0.0)), x, cuts=[5])
+        got_always, s_always = chunked(lambda t: model.decode(t, always, ("latent-diff", float("inf"))), x, cuts=[5])
+        fixed, one = model(x, depth=3), model(x, depth=1)
+    assert (got_never - fixed).abs().max() <= TOL and s_never.eq(3).all()
+    # every token stops after step 1: nothing after it is computed, and the logits are depth 1's
+    assert (got_always - one).abs().max() <= TOL and s_always.eq(1).all()
+    P = SPLIT["prelude"]  # steps 2 and 3 hold step 1's K/V
+    assert torch.equal(always.k[P + 2], always.k[P]) and torch.equal(always.v[P + 1], always.v[P])
+
+
+def test_adaptive_depth_per_row_in_a_batch_is_per_sequence_decoding(ckpt):
+    """A batch of windows decoded token by token with per-token exits gives each sequence's own
+    numbers, and a stopped token's K/V at later steps are its last computed step's."""
+    model = load_ouroboros(ckpt, **SPLIT)
+    randomise_trainable(model, scale=0.1)
+    x, depth, P = ids(3, 14), 4, 2
+    with torch.no_grad():
+        h, cos, sin = model.embed_prelude(x)
+        threshold = latent_diff(h, model.step(h, 0, cos, sin)).median().item()  # about half stop after step 1
+        exit = ("latent-diff", threshold)
+        cache = model.new_cache(3, 14, depth)
+        batch, steps = chunked(lambda t: model.decode(t, cache, exit), x, cuts=[1])
+        for b in range(3):
+            alone = model.new_cache(1, 14, depth)
+            logits, s = chunked(lambda t: model.decode(t, alone, exit), x[b:b + 1], cuts=[1])
+            assert (logits[0] - batch[b]).abs().max() <= 1e-5 and torch.equal(s[0], steps[b])
+    assert steps.min() == 1 and steps.max() > 1
+    for b, t in (steps < depth).nonzero().tolist():
+        e = steps[b, t].item()
+        for k in range(e, depth):
+            assert torch.equal(cache.k[P + k, b, :, t], cache.k[P + e - 1, b, :, t])
+            assert torch.equal(cache.v[P + k, b, :, t], cache.v[P + e - 1, b, :, t])
+
+
+# ----------------------------------------------------------------------------------------------
+# generate.py, end to end on a tiny trained run
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    model, corpus = make_model_folder(str(tmp / "model")), make_corpus(str(tmp / "corpus"))
+    out = {"cache": str(tmp / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "CACHE", str(tmp / "cache"))
+        for pool in ("causal", "mean"):
+            out[pool] = str(tmp / pool)
+            train.main(["--model", model, "--data", corpus, "--out", out[pool], "--prelude", "1", "--recurrent", "2",
+                        "--coda", "1", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                        "--eval-interval", "2", "--eval-windows", "2", "--depths", "2", "--rank", "8", "--pool", pool,
+                        "--no-final-eval"])
+    return out
+
+
+def test_generate_cli_json_cached_equals_uncached(runs, capsys):
+    outs = []
+    for extra in ([], ["--no-cache"]):
+        generate.main(["--run", runs["causal"], "--prompt", "the cat sat", "--depth", "3", "--max-new-tokens", "8",
+                       "--json", "--seed", "1", *extra])
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["ids"] == outs[1]["ids"] and len(outs[0]["ids"]) >= 1
+    assert outs[0]["depths"] == [3] * len(outs[0]["ids"])
+    generate.main(["--run", runs["causal"], "--prompt", "the cat", "--exit", "latent-diff", "0.5", "--json"])
+    assert all(1 <= d <= 8 for d in json.loads(capsys.readouterr().out)["depths"])
+
+
+def test_generate_refuses_mean_pool_with_cache_but_samples_it_without(runs, capsys):
+    with pytest.raises(SystemExit, match="error: .*pool='mean'.*sees the future.*--no-cache"):
+        generate.main(["--run", runs["mean"], "--prompt", "the cat"])
+    generate.main(["--run", runs["mean"], "--prompt", "the cat", "--no-cache", "--max-new-tokens", "3"])
+    assert "tok/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--exit", "latent-diff", "0.1"], "need --run"),
+    (["--run", "R", "--exit", "entropy", "0.1"], "give a criterion"),
+    (["--run", "R", "--exit", "latent-diff", "0.1", "--no-cache"], "drop --no-cache"),
+    (["--run", "R", "--pruned", "--depth", "4"], "no --depth"),
+    (["--run", "nowhere"], "nowhere/config.json not found"),
+])
+def test_generate_bad_input_is_one_clear_error(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        generate.main(["--prompt", "x", *argv])
+
+
+def test_eval_adaptive_through_the_cache(runs, tmp_path, monkeypatch, capsys):
+    """Fixed depths decoded token by token give eval's full-forward losses; an exit that never fires
+    is the deepest fixed depth, one that always fires is depth 1."""
+    monkeypatch.setattr(data, "CACHE", runs["cache"])
+    common = ["--run", runs["causal"], "--depths", "1,3", "--windows", "3", "--out", str(tmp_path), "--json"]
+    evaluation.main(common)
+    full = json.loads(capsys.readouterr().out)["runs"][0]["held_out"]
+    evaluation.main(common + ["--adaptive", "0,0.05,inf"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    fixed1, fixed3, never, mid, always = rows
+    assert abs(fixed1["loss"] - full["1"]) <= 1e-4 and abs(fixed3["loss"] - full["3"]) <= 1e-4
+    assert (fixed1["steps"], fixed3["steps"], never["steps"], always["steps"]) == (1, 3, 3, 1)
+    assert abs(never["loss"] - fixed3["loss"]) <= 1e-5 and abs(always["loss"] - fixed1["loss"]) <= 1e-5
+    assert 1 <= mid["steps"] <= 3
+    assert (tmp_path / "adaptive.md").read_text().startswith(f"`{runs['causal']}`")
+    with pytest.raises(SystemExit, match="--adaptive 'x': give comma-separated numbers"):
+        evaluation.main(common + ["--adaptive", "x"])
