@@ -78,37 +78,38 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto"):
 
 
 @torch.no_grad()
-def decoded_loss(model, windows: Windows, n: int, batch: int, depth: int, exit, device, autocast):
-    """(loss, mean recurrent steps per token) of held-out windows decoded token by token through the
-    KV cache, teacher-forced: exactly what decoding does, each window's exits its own."""
-    idx = windows.spread(n)
+def decoded_loss(model, windows: Windows, n: int, depth: int, exit, device, autocast):
+    """(loss, mean recurrent steps per token) of `n` windows decoded token by token through the KV
+    cache, teacher-forced: what decoding really does, each token's exit its own. One batch: decoding
+    one token reads every weight, so the windows share that cost."""
+    x, y = windows.batch(windows.spread(n), device)
+    cache = model.new_cache(len(x), x.shape[1], depth)
     loss = steps = 0.0
-    for i in range(0, len(idx), batch):
-        x, y = windows.batch(idx[i:i + batch], device)
-        cache = model.new_cache(len(x), x.shape[1], depth)
-        for t in range(x.shape[1]):
-            with autocast:
-                logits, s = model.decode(x[:, t:t + 1], cache, exit)
-            loss += F.cross_entropy(logits[:, 0].float(), y[:, t], reduction="sum").item()
-            steps += s.sum().item()
-    return loss / (len(idx) * windows.seq_len), steps / (len(idx) * windows.seq_len)
+    for t in range(x.shape[1]):
+        with autocast:
+            logits, s = model.decode(x[:, t:t + 1], cache, exit)
+        loss += F.cross_entropy(logits[:, 0].float(), y[:, t], reduction="sum").item()
+        steps += s.sum().item()
+    return loss / y.numel(), steps / y.numel()
 
 
 def evaluate_adaptive(run, depths, thresholds, windows, criterion="latent-diff", device_name="auto",
                       precision_mode="auto"):
-    """Adaptive depth on held-out text: fixed depths, then `criterion` at each threshold up to max(depths)."""
+    """Adaptive depth on held-out text: `criterion` at each threshold, at most max(depths) steps, decoded
+    through the cache; next to the fixed depths (the plain forward: tests/test_decode.py shows the
+    cached decoder gives the same logits)."""
     device = pick_device(device_name)
     dtype, autocast = precision(device, precision_mode)
     model, cfg = load_run(run, dtype, device)
     tokens = load_splits(list(cfg["data"]), cfg["model"], cfg["held_out"], load_tokenizer(cfg["model"]),
                          eos_id(cfg["model"]))[1]
     held = Windows(tokens, cfg["seq_len"])
-    measure = lambda d, exit: decoded_loss(model, held, windows, cfg["batch_size"], d, exit, device, autocast)
-    rows = [{"depth": d, "threshold": None, **dict(zip(("loss", "steps"), measure(d, None)))} for d in depths]
+    rows = [{"depth": d, "threshold": None, "steps": d, "loss": mean_loss(
+        lambda x, y: model(x, depth=d, labels=y), held, windows, cfg["batch_size"], device, autocast)} for d in depths]
     for th in thresholds:
-        rows.append({"depth": max(depths), "threshold": th,
-                     **dict(zip(("loss", "steps"), measure(max(depths), (criterion, th))))})
-        print(f"{criterion} {th}: loss {rows[-1]['loss']:.3f}, {rows[-1]['steps']:.2f} steps", file=sys.stderr)
+        loss, steps = decoded_loss(model, held, windows, max(depths), (criterion, th), device, autocast)
+        rows.append({"depth": max(depths), "threshold": th, "steps": steps, "loss": loss})
+        print(f"{criterion} < {th:g}: loss {loss:.3f}, {steps:.2f} steps per token", file=sys.stderr, flush=True)
     return {"run": run, "label": label(cfg), "criterion": criterion, "windows": windows, "seq_len": cfg["seq_len"],
             "rows": rows}
 
@@ -116,7 +117,7 @@ def evaluate_adaptive(run, depths, thresholds, windows, criterion="latent-diff",
 def adaptive_markdown(result, tolerance=0.02) -> str:
     deepest = max((r for r in result["rows"] if r["threshold"] is None), key=lambda r: r["depth"])
     out = [f"`{result['run']}` ({result['label']}), held-out documents, {result['windows']} windows x "
-           f"{result['seq_len']} tokens decoded token by token through the KV cache (teacher-forced).", "",
+           f"{result['seq_len']} tokens; the exits decoded token by token through the KV cache (teacher-forced).", "",
            "| decoding | mean recurrent steps per token | held-out loss |", "|---|---|---|"]
     for r in result["rows"]:
         what = (f"fixed depth {r['depth']}" if r["threshold"] is None

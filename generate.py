@@ -57,35 +57,32 @@ def generate(decode, prompt, max_new_tokens: int, pick, eos=()):
 
 
 def decoder(model, a, max_len: int):
-    """decode(new ids) for generate(): cached, or recomputing the whole sequence (--no-cache)."""
-    if a.run is None:
-        full = lambda ids, cache=None: (model(ids, cache=cache), torch.zeros_like(ids))  # no loop: 0 steps
-        new_cache = lambda: model.new_cache(1, max_len)
-    elif a.pruned:
-        full = lambda ids, cache=None: (model.pruned(ids, cache=cache), torch.ones_like(ids))
-        new_cache = lambda: model.new_cache(1, max_len, depth=1)
-    else:
-        if not a.no_cache:
-            cache = model.new_cache(1, max_len, a.depth)
-            return lambda ids: model.decode(ids, cache, a.exit)
-        full = lambda ids: (model(ids, a.depth), torch.full_like(ids, a.depth))
-    if not a.no_cache:
-        cache = new_cache()
-        return lambda ids: full(ids, cache)
-    seq = []
+    """decode(new ids) -> (logits, recurrent steps per token) for generate(): through a KV cache, or
+    recomputing the whole sequence for every token (--no-cache)."""
+    if a.no_cache:
+        forward, steps = ((model, 0) if a.run is None else (model.pruned, 1) if a.pruned
+                          else (lambda ids: model(ids, a.depth), a.depth))
+        seq = []
 
-    def recompute(ids):
-        seq.append(ids)
-        logits, steps = full(torch.cat(seq, dim=1))
-        return logits[:, -ids.shape[1]:], steps[:, -ids.shape[1]:]
-    return recompute
+        def recompute(ids):
+            seq.append(ids)
+            return forward(torch.cat(seq, dim=1))[:, -ids.shape[1]:], torch.full_like(ids, steps)
+        return recompute
+    if a.run is None:  # the full model: no loop, 0 recurrent steps
+        cache = model.new_cache(1, max_len)
+        return lambda ids: (model(ids, cache=cache), torch.zeros_like(ids))
+    if a.pruned:
+        cache = model.new_cache(1, max_len, depth=1)
+        return lambda ids: (model.pruned(ids, cache=cache), torch.ones_like(ids))
+    cache = model.new_cache(1, max_len, a.depth)
+    return lambda ids: model.decode(ids, cache, a.exit)
 
 
 def check(a):
     problems = []
-    if a.run is None and (a.pruned or a.depth or a.exit):
+    if a.run is None and (a.pruned or a.depth is not None or a.exit):
         problems.append("--pruned, --depth and --exit need --run (a trained Ouroboros run)")
-    if a.pruned and (a.depth or a.exit):
+    if a.pruned and (a.depth is not None or a.exit):
         problems.append("the pruned baseline runs the recurrent layer once: no --depth or --exit")
     if a.exit:
         try:
@@ -131,7 +128,10 @@ def main(argv=None):
         if a.model is not None:
             raise ValueError("--model and --run: a run names its own model (in its config.json); give one")
         model, cfg = load_run(a.run, dtype, device)
-        model_dir, a.depth = cfg["model"], a.depth or (None if a.pruned else 8)
+        model_dir = cfg["model"]
+        if not a.pruned:
+            a.depth = 8 if a.depth is None else a.depth
+            model.check_depth(a.depth)
     else:
         model_dir = a.model or default_model(CACHE)
         model = load_model(model_dir, dtype, device)

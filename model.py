@@ -1,8 +1,9 @@
 """A Qwen2 / Llama decoder written by hand, and the Ouroboros recursive model built from it.
 
 Part 1 is the pretrained decoder: it computes the same function as transformers' Qwen2ForCausalLM
-and LlamaForCausalLM (tests/test_parity.py proves it). Part 2 prunes it to prelude + one recurrent
-layer + coda and loops the recurrent layer under a controller (arXiv 2604.02051).
+and LlamaForCausalLM (tests/test_parity.py proves it), and the KV cache it decodes with. Part 2
+prunes it to prelude + one recurrent layer + coda and loops the recurrent layer under a controller
+(arXiv 2604.02051); it decodes through the same cache, with an optional exit per token.
 """
 from dataclasses import dataclass
 
