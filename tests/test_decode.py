@@ -74,8 +74,10 @@ def test_pruned_cached_decoding(ckpt):
     assert (got - want).abs().max() <= TOL
 
 
-def test_cache_overflow_and_mean_pool_are_refused(ckpt):
+def test_cache_size_overflow_and_mean_pool_refused(ckpt):
     model = load_ouroboros(ckpt, **SPLIT)
+    # K and V, (2 prelude + 2 steps + 2 coda) slots, 2 KV heads of 16, fp32
+    assert model.new_cache(1, 8, 2).bytes_per_token() == 2 * 6 * 2 * 16 * 4
     with pytest.raises(ValueError, match="do not fit a cache of 8"):
         model.decode(ids(1, 9), model.new_cache(1, 8, 2))
     mean = load_ouroboros(ckpt, **SPLIT, pool="mean")
