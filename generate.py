@@ -18,7 +18,8 @@ import time
 import torch
 
 from data import CACHE
-from load_qwen import cli, default_model, load_config, load_model, load_run, load_tokenizer, pick_device, precision
+from load_qwen import (cli, default_model, load_config, load_model, load_run, load_tokenizer, pick_device, precision,
+                       run_config)
 from model import EXITS
 
 
@@ -124,19 +125,18 @@ def main(argv=None):
     check(a)
     device = pick_device(a.device)
     dtype, autocast = precision(device, a.precision)
-    if a.run is not None:
-        if a.model is not None:
-            raise ValueError("--model and --run: a run names its own model (in its config.json); give one")
-        model, cfg = load_run(a.run, dtype, device)
-        model_dir = cfg["model"]
+    if a.run is not None and a.model is not None:
+        raise ValueError("--model and --run: a run names its own model (in its config.json); give one")
+    model_dir = run_config(a.run)["model"] if a.run is not None else a.model or default_model(CACHE)
+    tok = load_tokenizer(model_dir)  # the small files first: a bad one is named before the weights load
+    eos = load_config(model_dir).eos_token_id
+    if a.run is None:
+        model = load_model(model_dir, dtype, device)
+    else:
+        model, _ = load_run(a.run, dtype, device)
         if not a.pruned:
             a.depth = 8 if a.depth is None else a.depth
             model.check_depth(a.depth)
-    else:
-        model_dir = a.model or default_model(CACHE)
-        model = load_model(model_dir, dtype, device)
-    tok = load_tokenizer(model_dir)
-    eos = load_config(model_dir).eos_token_id
     prompt = torch.tensor([tok.encode(a.prompt).ids], device=device)
     if prompt.shape[1] == 0:
         raise ValueError("--prompt encodes to no tokens: give some text")

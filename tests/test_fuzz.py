@@ -147,7 +147,7 @@ def test_fuzzed_checkpoint(originals, tmp_path):
 
 
 def test_clis_on_damaged_folders_print_one_line_not_a_traceback(originals, tmp_path):
-    """load_qwen.py run as a program on a few damaged folders: exit 0, or exit 1 and an `error:` line."""
+    """generate.py run as a program on a few damaged folders: exit 0, or exit 1 and an `error:` line."""
     model_dir = originals[0]
     cases = [("config.json", damage_json, 3), ("model.safetensors", damage_safetensors, 5), ("tokenizer.json", damage_json, 1)]
     for file, damage, seed in cases:
@@ -155,7 +155,8 @@ def test_clis_on_damaged_folders_print_one_line_not_a_traceback(originals, tmp_p
         shutil.copytree(model_dir, folder)
         data = open(os.path.join(folder, file), "rb").read()
         open(os.path.join(folder, file), "wb").write(damage(data, random.Random(seed)))
-        done = subprocess.run([sys.executable, os.path.join(ROOT, "load_qwen.py"), folder, "--max-new-tokens", "2"],
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--model", folder, "--prompt", "x",
+                               "--max-new-tokens", "2"],
                               capture_output=True, text=True, timeout=120)
         assert "Traceback" not in done.stderr, (file, seed, done.stderr[-2000:])
         assert done.returncode == 1 and done.stderr.startswith("error: "), (file, seed, done.stderr)
