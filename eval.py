@@ -101,9 +101,8 @@ def evaluate_adaptive(run, depths, thresholds, windows, criterion="latent-diff",
     device = pick_device(device_name)
     dtype, autocast = precision(device, precision_mode)
     model, cfg = load_run(run, dtype, device)
-    tokens = load_splits(list(cfg["data"]), cfg["model"], cfg["held_out"], load_tokenizer(cfg["model"]),
-                         eos_id(cfg["model"]))[1]
-    held = Windows(tokens, cfg["seq_len"])
+    held = Windows(load_splits(cfg["data"], cfg["model"], cfg["held_out"], cfg.get("text_field", "text"))[1],
+                   cfg["seq_len"])
     rows = [{"depth": d, "threshold": None, "steps": d, "loss": mean_loss(
         lambda x, y: model(x, depth=d, labels=y), held, windows, cfg["batch_size"], device, autocast)} for d in depths]
     for th in thresholds:
