@@ -366,10 +366,6 @@ class Ouroboros(nn.Module):
     def new_cache(self, batch: int, max_len: int, depth: int) -> KVCache:
         """The decoding state for `depth` recurrent steps (the most any token will run)."""
         self.check_depth(depth)
-        if isinstance(self.diagonals, Controller) and self.diagonals.pool == "mean":
-            raise ValueError("this run's controller pools over the whole sequence (pool='mean'): every new token "
-                             "would change the diagonals of all tokens before it (the pooling sees the future), "
-                             "so it cannot decode with a cache; use --no-cache")
         cfg, w = self.base.config, self.base.embed_tokens.weight
         slots = len(self.prelude_ids) + depth + len(self.coda_ids)
         return KVCache(cfg, slots, batch, max_len, w.dtype, w.device, steps=depth)
@@ -380,9 +376,20 @@ class Ouroboros(nn.Module):
 
         exit = (criterion, threshold), one of EXITS: after each step a token whose criterion falls
         below the threshold stops; the others run on, up to the cache's depth. A token that stopped
-        after step e computes nothing more, and for every later step k it counts as if its state had
-        stayed h_e: its K/V in step k's slot are those of its last computed step (as Huginn and Ouro
-        fill them), and it adds h_e to step k's running sum of the controller."""
+        after step e keeps h_e (while other rows of the batch run on, later steps compute it too and
+        discard the result), and for every later step k it counts as if its state had stayed h_e: its
+        K/V in step k's slot are those of its last computed step (as Huginn and Ouro fill them), and it
+        adds h_e to step k's running sum of the controller. With an exit, a chunk of several tokens is
+        decoded one token at a time."""
+        if isinstance(self.diagonals, Controller) and self.diagonals.pool == "mean":
+            raise ValueError("this run's controller pools over the whole sequence (pool='mean'): every new token "
+                             "would change the diagonals of all tokens before it (the pooling sees the future), "
+                             "so it cannot decode with a cache; use --no-cache")
+        if exit is not None and input_ids.shape[1] > 1:
+            # One token at a time: within a chunk, a stopped token's K/V are put back (carry) only after
+            # the step, so later tokens of the chunk would attend to K/V it never computed.
+            out = [self.decode(input_ids[:, t:t + 1], cache, exit) for t in range(input_ids.shape[1])]
+            return torch.cat([o[0] for o in out], 1), torch.cat([o[1] for o in out], 1)
         depth, P = len(cache.sums), len(self.prelude_ids)
         x, cos, sin = self.embed_prelude(input_ids, cache)
         stopped = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)

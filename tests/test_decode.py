@@ -82,7 +82,10 @@ def test_cache_size_overflow_and_mean_pool_refused(ckpt):
         model.decode(ids(1, 9), model.new_cache(1, 8, 2))
     mean = load_ouroboros(ckpt, **SPLIT, pool="mean")
     with pytest.raises(ValueError, match="sees the future.*--no-cache"):
-        mean.new_cache(1, 8, 2)
+        mean.decode(ids(1, 8), mean.new_cache(1, 8, 2))
+    x = ids(1, 8)  # the pruned baseline never calls the controller: it decodes a mean-pool run
+    with torch.no_grad():
+        assert (mean.pruned(x, cache=mean.new_cache(1, 8, depth=1)) - mean.pruned(x)).abs().max() <= TOL
 
 
 def options(**kw):
@@ -132,6 +135,11 @@ def test_adaptive_depth_per_row_in_a_batch_is_per_sequence_decoding(ckpt):
             logits, s = chunked(lambda t: model.decode(t, alone, exit), x[b:b + 1], cuts=[1])
             assert (logits[0] - batch[b]).abs().max() <= 1e-5 and torch.equal(s[0], steps[b])
     assert steps.min() == 1 and steps.max() > 1
+    for cuts in ([14], [6]):  # a whole chunk with exits, the prompt included, is token-by-token decoding
+        whole = model.new_cache(3, 14, depth)
+        with torch.no_grad():
+            got, s = chunked(lambda t: model.decode(t, whole, exit), x, cuts=cuts)
+        assert (got - batch).abs().max() <= TOL and torch.equal(s, steps)
     for b, t in (steps < depth).nonzero().tolist():
         e = steps[b, t].item()
         for k in range(e, depth):
