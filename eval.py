@@ -246,6 +246,11 @@ def main(argv=None):
             thresholds = [float(t) for t in a.adaptive.split(",")]
         except ValueError:
             problems.append(f"--adaptive {a.adaptive!r}: give comma-separated numbers, e.g. 0.03,0.05,0.1")
+        if len(a.run) > 1:
+            problems.append("--adaptive measures one run: give a single --run")
+        elif run_config(a.run[0])["pool"] == "mean":  # before the fixed depths are computed
+            problems.append(f"--adaptive decodes through the KV cache, which {a.run[0]} (pool='mean': its "
+                            "controller sees the future) cannot use: measure a pool='causal' run")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
     if a.adaptive is None:

@@ -183,8 +183,8 @@ def test_generate_refuses_mean_pool_with_cache_but_samples_it_without(runs, caps
         generate.main(["--run", runs["mean"], "--prompt", "the cat"])
     generate.main(["--run", runs["mean"], "--prompt", "the cat", "--no-cache", "--max-new-tokens", "3"])
     assert "tok/s" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="error: depth 0 must be in 1..64"):
-        generate.main(["--run", runs["mean"], "--prompt", "the cat", "--no-cache", "--depth", "0"])
+    generate.main(["--run", runs["mean"], "--prompt", "the cat", "--pruned", "--max-new-tokens", "3"])
+    assert "pruned baseline, cached" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -193,6 +193,9 @@ def test_generate_refuses_mean_pool_with_cache_but_samples_it_without(runs, caps
     (["--run", "R", "--exit", "latent-diff", "0.1", "--no-cache"], "drop --no-cache"),
     (["--run", "R", "--pruned", "--depth", "4"], "no --depth"),
     (["--run", "nowhere"], "nowhere/config.json not found"),
+    (["--run", "nowhere", "--depth", "0"], "--depth 0 must be in 1..64"),  # before anything is read
+    (["--run", "nowhere", "--depth", "65"], "--depth 65 must be in 1..64"),
+    (["--run", "nowhere", "--model", "M"], "--model and --run"),
 ])
 def test_generate_bad_input_is_one_clear_error(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -216,3 +219,7 @@ def test_eval_adaptive_through_the_cache(runs, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "adaptive.md").read_text().startswith(f"`{runs['causal']}`")
     with pytest.raises(SystemExit, match="--adaptive 'x': give comma-separated numbers"):
         evaluation.main(common + ["--adaptive", "x"])
+    with pytest.raises(SystemExit, match="--adaptive measures one run"):
+        evaluation.main(common + ["--adaptive", "0.1", "--run", runs["causal"], runs["mean"]])
+    with pytest.raises(SystemExit, match=r"error: --adaptive .*pool='mean'.*measure a pool='causal' run"):
+        evaluation.main(common + ["--adaptive", "0.1", "--run", runs["mean"]])

@@ -147,7 +147,8 @@ def test_fuzzed_checkpoint(originals, tmp_path):
 
 
 def test_clis_on_damaged_folders_print_one_line_not_a_traceback(originals, tmp_path):
-    """generate.py run as a program on a few damaged folders: exit 0, or exit 1 and an `error:` line."""
+    """generate.py run as a program on a few damaged folders (seeds whose damage is refused): exit 1
+    and an `error:` line, no traceback."""
     model_dir = originals[0]
     cases = [("config.json", damage_json, 3), ("model.safetensors", damage_safetensors, 5), ("tokenizer.json", damage_json, 1)]
     for file, damage, seed in cases:
