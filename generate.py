@@ -20,7 +20,7 @@ import torch
 from data import CACHE
 from load_qwen import (cli, default_model, load_config, load_model, load_run, load_tokenizer, pick_device, precision,
                        run_config)
-from model import EXITS
+from model import EXITS, OuroborosConfig
 
 
 def pick_token(logits, temperature: float, top_k: int, top_p: float, generator):
@@ -81,6 +81,10 @@ def decoder(model, a, max_len: int):
 
 def check(a):
     problems = []
+    if a.run is not None and a.model is not None:
+        problems.append("--model and --run: a run names its own model (in its config.json); give one")
+    if a.depth is not None and not 1 <= a.depth <= OuroborosConfig.max_steps:
+        problems.append(f"--depth {a.depth} must be in 1..{OuroborosConfig.max_steps} (max_steps)")
     if a.run is None and (a.pruned or a.depth is not None or a.exit):
         problems.append("--pruned, --depth and --exit need --run (a trained Ouroboros run)")
     if a.pruned and (a.depth is not None or a.exit):
@@ -125,24 +129,22 @@ def main(argv=None):
     check(a)
     device = pick_device(a.device)
     dtype, autocast = precision(device, a.precision)
-    if a.run is not None and a.model is not None:
-        raise ValueError("--model and --run: a run names its own model (in its config.json); give one")
     model_dir = run_config(a.run)["model"] if a.run is not None else a.model or default_model(CACHE)
-    tok = load_tokenizer(model_dir)  # the small files first: a bad one is named before the weights load
-    eos = load_config(model_dir).eos_token_id
+    config = load_config(model_dir)  # the small files first: a bad one is named before the weights load
+    tok = load_tokenizer(model_dir, config=config)
     if a.run is None:
-        model = load_model(model_dir, dtype, device)
+        model = load_model(model_dir, dtype, device, config=config)
     else:
-        model, _ = load_run(a.run, dtype, device)
+        model, _ = load_run(a.run, dtype, device, config=config)
         if not a.pruned:
             a.depth = 8 if a.depth is None else a.depth
-            model.check_depth(a.depth)
     prompt = torch.tensor([tok.encode(a.prompt).ids], device=device)
     if prompt.shape[1] == 0:
         raise ValueError("--prompt encodes to no tokens: give some text")
     decode = decoder(model, a, prompt.shape[1] + a.max_new_tokens)
     gen = torch.Generator(device).manual_seed(a.seed)
     pick = lambda logits: pick_token(logits, a.temperature, a.top_k, a.top_p, gen)
+    eos = config.eos_token_id
     with autocast:
         tokens, depths, prefill, dt = generate(decode, prompt, a.max_new_tokens, pick,
                                                {eos} if isinstance(eos, int) else set(eos or []))

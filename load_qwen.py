@@ -491,10 +491,11 @@ def run_config(run: str) -> dict:
     return cfg
 
 
-def load_run(run: str, dtype=torch.float32, device="cpu"):
-    """(model, settings) of a trained run: the pruned base with the run's controller, gate and norms."""
+def load_run(run: str, dtype=torch.float32, device="cpu", config=None):
+    """(model, settings) of a trained run: the pruned base with the run's controller, gate and norms.
+    `config`: its model's Qwen2Config, if already read."""
     cfg = run_config(run)
     model = load_ouroboros(cfg["model"], cfg["prelude"], cfg["recurrent"], cfg["coda"], cfg["rank"], cfg["alpha"],
-                           cfg["variant"], cfg["gate"], cfg["pool"], dtype=dtype, device=device)
+                           cfg["variant"], cfg["gate"], cfg["pool"], dtype=dtype, device=device, config=config)
     load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
     return model.eval(), cfg
