@@ -12,6 +12,8 @@ Rows
  3. controller overhead: one recurrent step with controller + SVD-LoRA + step norm + gate vs the
     bare layer (forward + backward)
  4. torch.compile of the recurrent step, on vs off
+ 5. peak resident memory of `python data.py` on a small and a large synthetic corpus: it must not grow with it
+ 6. tokenisation speed of data.py (read, split, encode, write) vs `encode_batch` on the text in memory
  7. decoding one token at 512 tokens of context, depth 8, batch 1: KV cache (model.KVCache) vs
     recomputing the whole sequence; the cache's memory per token
  8. prefill of a 512-token prompt into the cache vs the plain forward of the same tokens
@@ -387,8 +389,8 @@ def rows_decode(device, dtype, reps, context=512, depth=8):
     ids = torch.randint(0, SMOLLM2["vocab_size"], (1, context + 1), device=device)
     cache = model.new_cache(1, context + 1, depth)
 
-    def cached():  # the last token, after `context` cached ones (rewinding makes every call the same)
-        cache.pos = context
+    def cached():  # the last token, after `context` cached ones: rewinding the position and the
+        cache.pos, cache.sums = context, list(sums)  # controller's running sums makes every call the same
         return model.decode(ids[:, -1:], cache)[0]
 
     def prefill():
@@ -396,6 +398,7 @@ def rows_decode(device, dtype, reps, context=512, depth=8):
 
     with torch.no_grad(), autocast:
         model.decode(ids[:, :-1], cache)
+        sums = list(cache.sums)  # running_sum replaces the tensors, so a copy of the list keeps them
         delta = (cached()[0, -1].float() - model(ids, depth)[0, -1].float()).abs().max().item()
         t_cached, t_full = timed([cached, lambda: model(ids, depth)], device, reps)
         t_prefill, t_forward = timed([prefill, lambda: model(ids[:, :-1], depth)], device, reps)
