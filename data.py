@@ -332,6 +332,17 @@ class Windows:
         """`count` fixed windows spread over the whole stream: the evaluation set."""
         return np.linspace(0, self.n - 1, min(count, self.n)).astype(int).tolist()
 
+    @torch.no_grad()
+    def mean_loss(self, fn, count: int, batch: int, device, autocast) -> float:
+        """Mean of fn(inputs, labels) (a mean loss per window) over the `count` spread windows, `batch` at a time."""
+        idx = self.spread(count)
+        total = 0.0
+        for i in range(0, len(idx), batch):
+            x, y = self.batch(idx[i:i + batch], device)
+            with autocast:
+                total += fn(x, y).float().item() * len(x)
+        return total / len(idx)
+
 
 @cli
 def main(argv=None):

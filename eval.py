@@ -25,17 +25,6 @@ from load_qwen import cli, load_model, load_run, pick_device, precision, run_con
 SPLITS = ("train", "held_out")
 
 
-@torch.no_grad()
-def mean_loss(fn, windows: Windows, n: int, batch: int, device, autocast) -> float:
-    idx = windows.spread(n)
-    total = 0.0
-    for i in range(0, len(idx), batch):
-        x, y = windows.batch(idx[i:i + batch], device)
-        with autocast:
-            total += fn(x, y).float().item() * len(x)
-    return total / len(idx)
-
-
 def label(cfg: dict) -> str:
     if cfg["variant"] == "none":
         return "gate + step norm only" if cfg["gate"] else "no LoRA, no gate"
@@ -55,7 +44,7 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto"):
     model_dir = first["model"]
     streams = load_splits(first["data"], model_dir, first["held_out"], first.get("text_field", "text"))
     data = {s: Windows(t, first["seq_len"]) for s, t in zip(SPLITS, streams)}
-    loss = lambda fn, split: mean_loss(fn, data[split], windows, first["batch_size"], device, autocast)
+    loss = lambda fn, split: data[split].mean_loss(fn, windows, first["batch_size"], device, autocast)
 
     shown = os.path.relpath(model_dir, ROOT)  # inside the repository: the same text on every machine
     result = {"model": model_dir if shown.startswith("..") else shown, "windows": windows,
@@ -103,8 +92,8 @@ def evaluate_adaptive(run, depths, thresholds, windows, criterion="latent-diff",
     model, cfg = load_run(run, dtype, device)
     held = Windows(load_splits(cfg["data"], cfg["model"], cfg["held_out"], cfg.get("text_field", "text"))[1],
                    cfg["seq_len"])
-    rows = [{"depth": d, "threshold": None, "steps": d, "loss": mean_loss(
-        lambda x, y: model(x, depth=d, labels=y), held, windows, cfg["batch_size"], device, autocast)} for d in depths]
+    rows = [{"depth": d, "threshold": None, "steps": d, "loss": held.mean_loss(
+        lambda x, y: model(x, depth=d, labels=y), windows, cfg["batch_size"], device, autocast)} for d in depths]
     for th in thresholds:
         loss, steps = decoded_loss(model, held, windows, max(depths), (criterion, th), device, autocast)
         rows.append({"depth": max(depths), "threshold": th, "steps": steps, "loss": loss})

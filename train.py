@@ -196,18 +196,6 @@ def make_optimizer(model, cfg: TrainConfig):
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, cfg.beta2))
 
 
-@torch.no_grad()
-def held_out_loss(model, windows: Windows, depth: int, cfg: TrainConfig, device, autocast):
-    model.eval()
-    losses = []
-    for i in range(0, len(idx := windows.spread(cfg.eval_windows)), cfg.batch_size):
-        x, y = windows.batch(idx[i:i + cfg.batch_size], device)
-        with autocast:
-            losses.append(model(x, depth=depth, labels=y).float() * len(x))
-    model.train()
-    return (torch.stack(losses).sum() / len(idx)).item()
-
-
 def train(cfg: TrainConfig, resume: bool = False):
     depths = check(cfg, resume)
     ddp = "RANK" in os.environ
@@ -309,7 +297,8 @@ def train(cfg: TrainConfig, resume: bool = False):
                         f"eta {eta / 60:.1f} min")
                 loss_sum, logged = loss_sum.zero_(), 0
             if done % cfg.eval_interval == 0 or done == cfg.steps:
-                held = held_out_loss(model, held_w, eval_depth, cfg, device, autocast)
+                held = held_w.mean_loss(lambda x, y: model(x, depth=eval_depth, labels=y), cfg.eval_windows,
+                                        cfg.batch_size, device, autocast)
                 line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {eval_depth})"
             if line:
                 log(line, flush=True)
