@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from data import ROOT, Windows, load_splits
-from load_qwen import cli, load_model, load_run, pick_device, precision, run_config
+from load_qwen import cli, load_model, load_run, parse_depths, pick_device, precision, run_config
 
 SPLITS = ("train", "held_out")
 
@@ -39,7 +39,8 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto"):
     cfgs = [run_config(run) for run in runs]
     shared = ("model", "data", "held_out", "seq_len", "prelude", "recurrent", "coda")
     if any([c[k] for k in shared] != [cfgs[0][k] for k in shared] for c in cfgs[1:]):
-        raise SystemExit("runs compared in one table must share model, data, split, seq_len and layer split")
+        raise ValueError("runs compared in one table must share model, data, split, seq_len and layer split: "
+                         "evaluate such runs separately")
     first = cfgs[0]
     model_dir = first["model"]
     streams = load_splits(first["data"], model_dir, first["held_out"], first.get("text_field", "text"))
@@ -226,10 +227,9 @@ def main(argv=None):
     problems = [f"--windows {a.windows} must be at least 1"] * (a.windows < 1)
     if a.depths:  # refused before anything is loaded
         try:
-            depths = [int(d) for d in a.depths.split(",")]
-            problems += [f"--depths {a.depths!r}: each depth must be in 1..64"] * (not all(1 <= d <= 64 for d in depths))
-        except ValueError:
-            problems.append(f"--depths {a.depths!r}: give comma-separated integers, e.g. 1,4,8")
+            depths = parse_depths(a.depths)
+        except ValueError as e:
+            problems.append(str(e))
     if a.adaptive is not None:
         try:
             thresholds = [float(t) for t in a.adaptive.split(",")]

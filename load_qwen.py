@@ -28,6 +28,17 @@ def cli(main):
     return run
 
 
+def parse_depths(text: str) -> list:
+    """--depths: comma-separated recurrent depths, each one the model can run (1..max_steps)."""
+    try:
+        depths = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--depths {text!r}: give comma-separated integers, e.g. 4,8,16") from None
+    if not all(1 <= d <= OuroborosConfig.max_steps for d in depths):
+        raise ValueError(f"--depths {text!r}: each depth must be in 1..{OuroborosConfig.max_steps}")
+    return depths
+
+
 # ----------------------------------------------------------------------------------------------
 # config.json
 
