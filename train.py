@@ -27,7 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from data import CACHE, KINDS, ROOT, Windows, load_splits
-from load_qwen import cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, pick_device, precision, trainable
+from load_qwen import cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, parse_depths, pick_device, precision, trainable
 from model import OuroborosConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -118,11 +118,9 @@ def check(cfg: TrainConfig, resume: bool) -> list:
     if not cfg.lr > 0 or not 0 <= cfg.min_lr_ratio <= 1:
         problems.append("--lr must be positive and --min-lr-ratio in 0..1")
     try:
-        depths = [int(x) for x in cfg.depths.split(",")]
-        if not all(1 <= x <= 64 for x in depths):
-            problems.append(f"--depths {cfg.depths!r}: each depth must be in 1..64")
-    except ValueError:
-        problems.append(f"--depths {cfg.depths!r}: give comma-separated integers, e.g. 4,8,16")
+        depths = parse_depths(cfg.depths)
+    except ValueError as e:
+        problems.append(str(e))
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         problems.append(f"--out {cfg.out} is a file: name a folder for the run")
@@ -215,6 +213,8 @@ def train(cfg: TrainConfig, resume: bool = False):
     if cfg.seq_len > (context := config.max_position_embeddings):
         raise SystemExit(f"error: --seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
     ckpt_path = os.path.join(cfg.out, "checkpoint.safetensors")
+    # The data first: a wrong --data or --text-field is reported in seconds, not after loading the weights.
+    train_w, held_w = (Windows(t, cfg.seq_len) for t in load_splits(cfg.data, cfg.model, cfg.held_out, cfg.text_field, config))
 
     dtype, autocast = precision(device, cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -223,7 +223,6 @@ def train(cfg: TrainConfig, resume: bool = False):
     model.checkpoint_steps = cfg.checkpoint_steps
     if cfg.compile:  # the step index becomes a symbolic int after one recompile: two graphs for any depth
         model.step = torch.compile(model.step)
-    train_w, held_w = (Windows(t, cfg.seq_len) for t in load_splits(cfg.data, cfg.model, cfg.held_out, cfg.text_field, config))
     log(f"device {device}, model {cfg.model}, {train_w.n:,} training windows / {held_w.n:,} held-out "
         f"of {cfg.seq_len} tokens; {sum(p.numel() for p in trainable(model).values()):,} trainable parameters")
 
@@ -302,8 +301,9 @@ def train(cfg: TrainConfig, resume: bool = False):
                 line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {eval_depth})"
             if line:
                 log(line, flush=True)
-            # Saved only after a good update: weights that just gave a non-finite loss never replace good ones.
-            if master and not in_a_row and (done % cfg.save_interval == 0 or done == cfg.steps or stop):
+            # Periodic saves wait for a good update. The final and stop saves do not: a skipped step left
+            # the weights as the last good step made them (and save_checkpoint refuses non-finite ones).
+            if master and ((done % cfg.save_interval == 0 and not in_a_row) or done == cfg.steps or stop):
                 try:
                     save_checkpoint(ckpt_path, model, opt, done, cfg)
                     saved = done
@@ -320,6 +320,9 @@ def train(cfg: TrainConfig, resume: bool = False):
     if ddp:
         dist.destroy_process_group()
     log(f"trained {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min; {kept()}")
+    if caught:  # it came after the last step's check (in the held-out eval or the save): no eval.py
+        log(f"stopped by {signal.Signals(caught[0]).name} after the last step")
+        sys.exit(128 + caught[0])
 
 
 @cli

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
@@ -295,6 +296,47 @@ def test_one_non_finite_step_is_skipped_without_touching_adamw(setup, tmp_path, 
     ckpt = os.path.join(out, "checkpoint.safetensors")
     assert optim_steps(ckpt) == {3.0}
     assert all(torch.isfinite(t).all() for t in load_file(ckpt).values())
+
+
+def test_a_skipped_last_step_still_saves_the_final_step(setup, tmp_path, monkeypatch, capsys):
+    """A NaN loss at the last of 4 steps: that update is skipped, and the final save still writes
+    step 4 (the weights of step 3, the last good update: AdamW stepped 3 times), not step 2's file."""
+    real = train.load_ouroboros
+
+    def poisoned(*a, **k):
+        model = real(*a, **k)
+        forward, calls = model.forward, []
+
+        def last_nan(*args, **kwargs):
+            calls.append(1)  # held-out evals only at the end: calls 1..4 are the 4 training steps
+            return forward(*args, **kwargs) * (float("nan") if len(calls) == 4 else 1.0)
+        model.forward = last_nan
+        return model
+    monkeypatch.setattr(train, "load_ouroboros", poisoned)
+    out = str(tmp_path / "run")
+    train.main(args(setup, out, "--steps", "4", "--eval-interval", "100"))
+    assert "step     4/4  update skipped" in capsys.readouterr().out
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    with safe_open(ckpt, "pt") as f:
+        assert f.metadata()["step"] == "4"
+    assert optim_steps(ckpt) == {3.0}
+
+
+def test_a_signal_after_the_last_step_check_is_honoured(setup, tmp_path, monkeypatch):
+    """SIGTERM during the final save (after the last per-step check): the checkpoint holds the final
+    step, and the run exits 143 instead of going on to eval.py."""
+    real = train.save_checkpoint
+
+    def save(path, model, opt, step, cfg):
+        real(path, model, opt, step, cfg)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred: noted, not obeyed at once
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train.main(args(setup, out))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert optim_steps(os.path.join(out, "checkpoint.safetensors")) == {4.0}
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch, capsys):
