@@ -42,17 +42,23 @@ def parse_depths(text: str) -> list:
 # ----------------------------------------------------------------------------------------------
 # config.json
 
-def load_config(path: str) -> Qwen2Config:
-    file = os.path.join(path, "config.json")
+def read_json(file: str, missing: str, fix: str) -> dict:
+    """The JSON object in `file`; a missing file, bad JSON or a non-object ends in one CheckpointError."""
     if not os.path.isfile(file):
-        raise CheckpointError(f"{file} not found: point --model at an HF-format model folder")
+        raise CheckpointError(f"{file} not found: {missing}")
     try:
         with open(file, encoding="utf-8") as f:
             raw = json.load(f)
     except ValueError as e:  # bad JSON or bad UTF-8
-        raise CheckpointError(f"{file} is not valid JSON ({e}); restore it from the original model") from e
+        raise CheckpointError(f"{file} is not valid JSON ({e}); {fix}") from e
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object; restore it from the original model")
+        raise CheckpointError(f"{file} holds a JSON {type(raw).__name__}, not an object; {fix}")
+    return raw
+
+
+def load_config(path: str) -> Qwen2Config:
+    file = os.path.join(path, "config.json")
+    raw = read_json(file, "point --model at an HF-format model folder", "restore it from the original model")
 
     def refuse(what):
         raise CheckpointError(f"{file}: {what}; this implementation would not compute the same function, "
@@ -487,16 +493,10 @@ def load_checkpoint(path, model, opt=None):
 def run_config(run: str) -> dict:
     """The settings a run was trained with (train.py's TrainConfig, as written to config.json)."""
     file = os.path.join(run, "config.json")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{file} not found: --run takes a folder written by train.py")
-    try:
-        with open(file, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); it was not written by train.py") from e
+    cfg = read_json(file, "--run takes a folder written by train.py", "it was not written by train.py")
     need = ("model", "data", "held_out", "seq_len", "batch_size", "seed", "prelude", "recurrent", "coda", "rank",
             "alpha", "variant", "gate", "pool")
-    missing = [k for k in need if k not in cfg] if isinstance(cfg, dict) else need
+    missing = [k for k in need if k not in cfg]
     if missing:
         raise CheckpointError(f"{file} lacks {', '.join(missing)}: it was not written by train.py")
     return cfg
