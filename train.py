@@ -197,8 +197,10 @@ def make_optimizer(model, cfg: TrainConfig):
 def train(cfg: TrainConfig, resume: bool = False):
     depths = check(cfg, resume)
     ddp = "RANK" in os.environ
-    if ddp:
+    if ddp:  # the process group's threads start with SIGTERM/SIGINT blocked: only the main thread takes them
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
@@ -314,10 +316,12 @@ def train(cfg: TrainConfig, resume: bool = False):
             if stop:
                 signum = caught[0] if caught else signal.SIGTERM  # another process caught it
                 log(f"stopped by {signal.Signals(signum).name} after step {done}; {kept()}: --resume continues")
-                if ddp:
+                if ddp:  # leave together: a rank that tears down while rank 0 still saves can abort
+                    dist.barrier()
                     dist.destroy_process_group()
                 sys.exit(128 + signum)
     if ddp:
+        dist.barrier()
         dist.destroy_process_group()
     log(f"trained {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min; {kept()}")
     if caught:  # it came after the last step's check (in the held-out eval or the save): no eval.py
