@@ -309,21 +309,27 @@ def load_splits(sources, model_dir, held_out=0.05, text_field="text", config=Non
 # token streams -> training windows
 
 class Windows:
-    """Windows of seq_len + 1 tokens at stride seq_len: inputs = w[:-1], labels = w[1:]. The labels
-    are already the next tokens, so the loss must not shift them again (the authors' code did)."""
+    """Windows of seq_len + offset tokens at stride seq_len: inputs = w[:seq_len], labels = w[offset:].
+    offset 1 is the next token. The labels are already shifted, so the loss must not shift them again
+    (the authors' code did, and trained on t+2: --label-offset 2 reproduces that on purpose)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
-        self.n = (len(tokens) - 1) // seq_len
+    def __init__(self, tokens: np.ndarray, seq_len: int, offset: int = 1):
+        self.tokens, self.seq_len, self.offset = tokens, seq_len, offset
+        self.n = (len(tokens) - offset) // seq_len
         if self.n < 1:
-            raise ValueError(f"{len(tokens)} tokens do not fill one window of {seq_len + 1}; use a shorter --seq-len")
+            raise ValueError(f"{len(tokens)} tokens do not fill one window of {seq_len + offset}; use a shorter --seq-len")
 
-    def batch(self, indices, device="cpu"):
-        w = torch.from_numpy(np.stack([self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
-                                       for i in indices]).astype(np.int64))
+    def batch(self, indices, device="cpu", offsets=None):
+        """(inputs, labels) [B, seq_len] of the windows; with offsets (each at most self.offset), the
+        labels are a list, one tensor per offset, all for the same inputs."""
+        L = self.seq_len
+        w = torch.from_numpy(np.stack([self.tokens[i * L:(i + 1) * L + self.offset] for i in indices]).astype(np.int64))
         if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
             w = w.pin_memory()
-        return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)
+        w = w.to(device, non_blocking=True)
+        if offsets is None:
+            return w[:, :L], w[:, self.offset:]
+        return w[:, :L], [w[:, k:k + L] for k in offsets]
 
     def order(self, seed: int, epoch: int):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()

@@ -1,21 +1,28 @@
-"""Evaluate trained runs against the full model and the pruned baseline.
+"""Evaluate trained runs against the full model, the pruned baseline and each other, with intervals.
 
     python eval.py --run runs/controller-causal-s0
-    python eval.py --run runs/* --out results      # many runs: one table, seeds averaged
+    python eval.py --run runs/compare/*-s[0-9] --against static --out results/compare
 
-For each split (training distribution, held-out documents) it measures the loss of the full model,
-of the pruned baseline (prelude -> recurrent layer once -> coda, nothing trained) and of every run
-at each depth, on the same fixed windows, and reports
+For each split (training distribution, held-out documents) it measures, on the same fixed windows,
+the loss of every window for the full model, the pruned baseline (prelude -> recurrent layer once ->
+coda, nothing trained) and every run at each depth. One pass per window serves every depth: the loop
+runs once to the largest depth, and the coda reads the state out at each requested one. The seeds of
+a variant are averaged window by window, and each variant is compared with the --against variant at
+the same depth: the mean paired difference and its 95% bootstrap interval, windows resampled.
 
     loss reduction % = (pruned - x) / pruned        gap recovered % = (pruned - x) / (pruned - full)
+
+Losses are next-token cross-entropy (t+1); a run trained on token t+2 (--label-offset 2, the authors'
+objective) is also scored on its own. Every window's loss is kept in results.json, and cached in each
+run folder (the references in --out): adding a run to a table computes only that run.
 """
 import argparse
+import hashlib
 import json
-import math
 import os
 import sys
-from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,17 +30,40 @@ from data import ROOT, Windows, load_splits
 from load_qwen import cli, load_model, load_run, parse_depths, pick_device, precision, run_config
 
 SPLITS = ("train", "held_out")
+TITLES = {"train": "training distribution", "held_out": "held-out documents"}
 
 
-def label(cfg: dict) -> str:
+def variant(cfg: dict) -> str:
+    """A run's variant, the name its seeds share: controller-causal, static, gate+norm, ... (-r8: rank 8
+    instead of the default 32; -t+2: trained on token t+2)."""
     if cfg["variant"] == "none":
-        return "gate + step norm only" if cfg["gate"] else "no LoRA, no gate"
-    name = {"controller": f"controller ({cfg['pool']})", "static": "static diagonals"}[cfg["variant"]]
-    return name + ("" if cfg["gate"] else ", no gate")
+        name = "gate+norm" if cfg["gate"] else "norm-only"
+    else:
+        name = {"controller": f"controller-{cfg['pool']}", "static": "static"}[cfg["variant"]]
+        name += ("" if cfg["gate"] else "-nogate") + ("" if cfg["rank"] == 32 else f"-r{cfg['rank']}")
+    return name + ("" if cfg.get("label_offset", 1) == 1 else f"-t+{cfg['label_offset']}")
 
 
-def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto"):
-    """{"reference": {split: {"full", "pruned"}}, "runs": [{run, label, seed, split: {depth: loss}}]}."""
+def memo(file: str, key, compute):
+    """compute(), kept in `file` beside its key and reused while the key is the same."""
+    key = json.loads(json.dumps(key))
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return saved["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = compute()
+    with open(file + ".tmp", "w") as f:
+        json.dump({"key": key, "value": value}, f)
+    os.replace(file + ".tmp", file)
+    return value
+
+
+def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto", out=None):
+    """{"reference": {split: {objective: {"full", "pruned": per-window losses}}},
+        "runs": [{run, variant, seed, split: {objective: {depth: per-window losses}}}], ...}"""
     device = pick_device(device_name)
     dtype, autocast = precision(device, precision_mode)
     cfgs = [run_config(run) for run in runs]
@@ -42,27 +72,59 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto"):
         raise ValueError("runs compared in one table must share model, data, split, seq_len and layer split: "
                          "evaluate such runs separately")
     first = cfgs[0]
-    model_dir = first["model"]
+    model_dir, batch = first["model"], first["batch_size"]
+    offsets = sorted({1} | {c.get("label_offset", 1) for c in cfgs})
     streams = load_splits(first["data"], model_dir, first["held_out"], first.get("text_field", "text"))
-    data = {s: Windows(t, first["seq_len"]) for s, t in zip(SPLITS, streams)}
-    loss = lambda fn, split: data[split].mean_loss(fn, windows, first["batch_size"], device, autocast)
+    data = {s: Windows(t, first["seq_len"], max(offsets)) for s, t in zip(SPLITS, streams)}  # the same inputs for every offset
+    picked = {s: data[s].spread(windows) for s in SPLITS}
+    tokens = hashlib.sha1()
+    for s in SPLITS:
+        for i in picked[s]:
+            tokens.update(data[s].batch([i])[0].numpy().tobytes())
+    key = {"tokens": tokens.hexdigest(), "dtype": str(dtype), "windows": windows}
+
+    def per_window(fn, wanted):
+        """{split: fn's losses [..., objectives, windows]}; fn(x, labels of each wanted offset) -> [..., objectives, batch]."""
+        got = {}
+        for s in SPLITS:
+            parts = []
+            for i in range(0, len(picked[s]), batch):
+                x, ys = data[s].batch(picked[s][i:i + batch], device, wanted)
+                with torch.no_grad(), autocast:
+                    parts.append(fn(x, ys).float().cpu())
+            got[s] = torch.cat(parts, -1)
+        return got
+
+    def references():
+        full = load_model(model_dir, dtype, device)
+        f = per_window(lambda x, ys: full(x, labels=ys), offsets)
+        full = None  # free it before a run is loaded
+        pruned = load_run(runs[0], dtype, device)[0]  # any run: the pruned baseline uses none of its training
+        p = per_window(lambda x, ys: pruned.pruned(x, labels=ys), offsets)
+        return {s: {f"t+{o}": {"full": f[s][j].tolist(), "pruned": p[s][j].tolist()} for j, o in enumerate(offsets)}
+                for s in SPLITS}
+
+    def run_losses(run, cfg):
+        model, _ = load_run(run, dtype, device)
+        own = sorted({1, cfg.get("label_offset", 1)})
+        got = per_window(lambda x, ys: torch.stack(model.readout(x, depths, ys)), own)
+        return {s: {f"t+{o}": {str(d): got[s][i, j].tolist() for i, d in enumerate(depths)} for j, o in enumerate(own)}
+                for s in SPLITS}
 
     shown = os.path.relpath(model_dir, ROOT)  # inside the repository: the same text on every machine
-    result = {"model": model_dir if shown.startswith("..") else shown, "windows": windows,
-              "seq_len": first["seq_len"], "depths": depths,
-              "split": f"{first['prelude']} + [{first['recurrent']}] + {first['coda']}", "reference": {}, "runs": []}
-    full = load_model(model_dir, dtype, device)
-    result["reference"] = {s: {"full": loss(lambda x, y: full(x, labels=y), s)} for s in SPLITS}
-    full = None  # free it before the runs are loaded
+    result = {"model": model_dir if shown.startswith("..") else shown, "windows": windows, "seq_len": first["seq_len"],
+              "depths": depths, "split": f"{first['prelude']} + [{first['recurrent']}] + {first['coda']}",
+              "command": "python eval.py " + " ".join(sys.argv[1:]), "runs": []}
+    weights = sorted((f, os.path.getsize(os.path.join(model_dir, f))) for f in os.listdir(model_dir))
+    ref_key = dict(key, model=os.path.abspath(model_dir), files=weights, split=result["split"], offsets=offsets)
+    os.makedirs(out or runs[0], exist_ok=True)
+    result["reference"] = memo(os.path.join(out or runs[0], "reference-losses.json"), ref_key, references)
     for run, cfg in zip(runs, cfgs):
-        model, _ = load_run(run, dtype, device)
-        if "pruned" not in result["reference"]["train"]:
-            for s in SPLITS:
-                result["reference"][s]["pruned"] = loss(lambda x, y: model.pruned(x, labels=y), s)
-        entry = {"run": run, "label": label(cfg), "seed": cfg["seed"]}
-        for s in SPLITS:
-            entry[s] = {d: loss(lambda x, y: model(x, depth=d, labels=y), s) for d in depths}
-        result["runs"].append(entry)
+        ckpt = os.stat(os.path.join(run, "checkpoint.safetensors"))
+        run_key = dict(key, checkpoint=[ckpt.st_size, ckpt.st_mtime_ns], depths=depths)
+        losses = memo(os.path.join(run, "eval-losses.json"), run_key, lambda: run_losses(run, cfg))
+        result["runs"].append({"run": run, "variant": variant(cfg), "seed": cfg["seed"],
+                               "label_offset": cfg.get("label_offset", 1), **losses})
         print(f"evaluated {run}", file=sys.stderr, flush=True)
     return result
 
@@ -99,7 +161,7 @@ def evaluate_adaptive(run, depths, thresholds, windows, criterion="latent-diff",
         loss, steps = decoded_loss(model, held, windows, max(depths), (criterion, th), device, autocast)
         rows.append({"depth": max(depths), "threshold": th, "steps": steps, "loss": loss})
         print(f"{criterion} < {th:g}: loss {loss:.3f}, {steps:.2f} steps per token", file=sys.stderr, flush=True)
-    return {"run": run, "label": label(cfg), "criterion": criterion, "windows": windows, "seq_len": cfg["seq_len"],
+    return {"run": run, "label": variant(cfg), "criterion": criterion, "windows": windows, "seq_len": cfg["seq_len"],
             "rows": rows}
 
 
@@ -141,36 +203,72 @@ def adaptive_plot(result, file):
     return file
 
 
-def stats(values):
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, sd
+def bootstrap(values, level=0.95, samples=10_000, seed=0):
+    """(mean, low, high): the mean of per-window values and its percentile bootstrap interval. Windows
+    are resampled with replacement: they are what varies (a variant's seeds are averaged per window)."""
+    v = np.asarray(values, dtype=np.float64)
+    means = v[np.random.default_rng(seed).integers(0, len(v), (samples, len(v)))].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(low), float(high)
 
 
-def by_label(result) -> dict:
-    """{label: [runs]}: the seeds of one variant, in the order the runs were given."""
-    groups = defaultdict(list)
-    for r in result["runs"]:
-        groups[r["label"]].append(r)
-    return groups
+def summary(result, against="pruned") -> list:
+    """One row per (split, objective, model, depth): loss with its interval, the spread over seeds, and the
+    paired difference to `against` at the same depth (to the pruned baseline where `against` was not
+    scored on that objective), with its interval."""
+    rows = []
+    for s in SPLITS:
+        for objective, ref in result["reference"][s].items():
+            groups = {}
+            for r in result["runs"]:
+                if objective in r[s]:
+                    groups.setdefault(r["variant"], []).append(r)
+
+            def windows(name, d):  # per-window losses, seeds averaged
+                if name in ref:
+                    return np.array(ref[name])
+                return np.mean([r[s][objective][str(d)] for r in groups[name]], 0)
+
+            base = against if against in ref or against in groups else "pruned"
+            full, pruned = np.mean(ref["full"]), np.mean(ref["pruned"])
+            for name, d in [("full", None), ("pruned", 1)] + [(v, d) for v in groups for d in result["depths"]]:
+                w = windows(name, d)
+                loss, low, high = bootstrap(w)
+                paired = name not in ref or base in ref  # a reference row has no depth to pair a variant at
+                diff, diff_low, diff_high = bootstrap(w - windows(base, d)) if paired else (None, None, None)
+                seeds = [np.mean(r[s][objective][str(d)]) for r in groups.get(name, [])]
+                rows.append({"split": s, "objective": objective, "model": name, "depth": d, "seeds": len(seeds),
+                             "loss": loss, "low": low, "high": high,
+                             "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None,
+                             "against": base, "diff": diff, "diff_low": diff_low, "diff_high": diff_high,
+                             "reduction": 100 * (pruned - loss) / pruned, "gap": 100 * (pruned - loss) / (pruned - full)})
+    return rows
 
 
 def markdown(result) -> str:
-    """One table per split: reference rows, then each label's mean (± std over seeds) per depth."""
-    out = [f"Model `{result['model']}`, layers {result['split']}, {result['windows']} windows x "
-           f"{result['seq_len']} tokens per split. Loss is mean next-token cross-entropy (nats)."]
+    """One table per split and objective; * marks a difference whose interval excludes 0."""
+    out = [f"Model `{result['model']}`, layers {result['split']}, {result['windows']} windows x {result['seq_len']} "
+           "tokens per split, the same windows for every row. Loss: mean cross-entropy (nats) of the next token "
+           "(t+1) unless the table says t+2. [95% CI]: percentile bootstrap over windows, a variant's seeds "
+           "averaged per window; ± is the standard deviation over seeds; Δ is the paired difference at the same "
+           "depth (negative: lower loss), * where its interval excludes 0."]
+    rows = result["summary"]
     for s in SPLITS:
-        ref = result["reference"][s]
-        full, pruned = ref["full"], ref["pruned"]
-        out += ["", f"**{'training distribution' if s == 'train' else 'held-out documents'}**", "",
-                "| model | depth | seeds | loss | loss reduction | gap recovered |", "|---|---|---|---|---|---|",
-                f"| full model | - | - | {full:.3f} | - | 100% |", f"| pruned baseline | 1 | - | {pruned:.3f} | 0.0% | 0.0% |"]
-        for name, rs in by_label(result).items():
-            for d in result["depths"]:
-                m, sd = stats([r[s][d] for r in rs])
-                pm = f" ± {sd:.3f}" if len(rs) > 1 else ""
-                out.append(f"| {name} | {d} | {len(rs)} | {m:.3f}{pm} | {100 * (pruned - m) / pruned:.1f}% | "
-                           f"{100 * (pruned - m) / (pruned - full):.1f}% |")
+        for objective in result["reference"][s]:
+            table = [r for r in rows if r["split"] == s and r["objective"] == objective]
+            base = table[0]["against"]
+            out += ["", f"**{TITLES[s]}, token {objective}**", "",
+                    f"| model | depth | seeds | loss [95% CI] | ± seeds | Δ vs {base} [95% CI] | gap recovered |",
+                    "|---|---|---|---|---|---|---|"]
+            for r in table:
+                sd = "" if r["seed_sd"] is None else f"{r['seed_sd']:.3f}"
+                if r["model"] == base or r["diff"] is None:
+                    diff = "-"
+                else:
+                    real = " *" if r["diff_low"] > 0 or r["diff_high"] < 0 else ""
+                    diff = f"{r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]{real}"
+                out.append(f"| {r['model']} | {r['depth'] or '-'} | {r['seeds'] or '-'} | {r['loss']:.3f} "
+                           f"[{r['low']:.3f}, {r['high']:.3f}] | {sd} | {diff} | {r['gap']:.1f}% |")
     return "\n".join(out)
 
 
@@ -187,21 +285,30 @@ def pyplot():
 
 
 def plot(result, file):
+    """Next-token loss against depth per variant (top) and the paired difference to --against (bottom),
+    with 95% bootstrap intervals; one column per split."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, s in zip(axes, SPLITS):
-        ref = result["reference"][s]
-        for name, rs in by_label(result).items():
-            ms = [stats([r[s][d] for r in rs]) for d in result["depths"]]
-            ax.errorbar(result["depths"], [m for m, _ in ms], yerr=[sd for _, sd in ms], marker="o", capsize=3, label=name)
-        ax.axhline(ref["pruned"], color="gray", ls="--", label="pruned baseline")
-        ax.axhline(ref["full"], color="black", ls=":", label="full model")
-        ax.set(title="training distribution" if s == "train" else "held-out documents", xlabel="depth",
-               xticks=result["depths"])
-    axes[0].set_ylabel("loss (nats)")
-    axes[1].legend(fontsize=8)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True, sharey="row")
+    for col, s in enumerate(SPLITS):
+        rows = [r for r in result["summary"] if r["split"] == s and r["objective"] == "t+1"]
+        ref = {r["model"]: r for r in rows if r["depth"] in (None, 1) and r["model"] in ("full", "pruned")}
+        for name in dict.fromkeys(r["model"] for r in rows if r["model"] not in ref):
+            rs = [r for r in rows if r["model"] == name]
+            d = [r["depth"] for r in rs]
+            for ax, k in ((axes[0, col], ""), (axes[1, col], "diff")):
+                m = np.array([r[k or "loss"] for r in rs])
+                lo, hi = (np.array([r[f"{k}_{e}" if k else e] for r in rs]) for e in ("low", "high"))
+                ax.errorbar(d, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=name)
+        axes[0, col].axhline(ref["pruned"]["loss"], color="gray", ls="--", label="pruned baseline")
+        axes[0, col].axhline(ref["full"]["loss"], color="black", ls=":", label="full model")
+        axes[1, col].axhline(0, color="gray", lw=0.8)
+        axes[0, col].set(title=TITLES[s])
+        axes[1, col].set(xlabel="depth", xticks=result["depths"])
+    axes[0, 0].set_ylabel("next-token loss (nats)")
+    axes[1, 0].set_ylabel(f"Δ vs {rows[0]['against']} (nats)")
+    axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     return file
@@ -212,7 +319,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", nargs="+", required=True, help="run folder(s) written by train.py")
     p.add_argument("--depths", default=None, help="default 1,4,8 (and 16 on a GPU)")
-    p.add_argument("--windows", type=int, default=16, help="windows per split")
+    p.add_argument("--windows", type=int, default=16, help="windows per split (more: narrower intervals)")
+    p.add_argument("--against", default="pruned",
+                   help="what every row is compared with at the same depth: pruned, full or a variant (static, ...)")
     p.add_argument("--out", default=None, help="folder for results.json/.md/.png (default: the first run's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -243,7 +352,12 @@ def main(argv=None):
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
     if a.adaptive is None:
-        result = evaluate(a.run, depths, a.windows, a.device, a.precision)
+        names = {variant(run_config(run)) for run in a.run}
+        if a.against not in names | {"pruned", "full"}:
+            raise SystemExit(f"error: --against {a.against}: no run of that variant; give pruned, full or one of "
+                             f"{', '.join(sorted(names))}")
+        result = evaluate(a.run, depths, a.windows, a.device, a.precision, a.out)
+        result["summary"] = summary(result, a.against)
     else:
         result = evaluate_adaptive(a.run[0], depths, thresholds, a.windows, device_name=a.device,
                                    precision_mode=a.precision)

@@ -172,8 +172,15 @@ class Transformer(nn.Module):
         return KVCache(self.config, len(self.layers), batch, max_len, w.dtype, w.device)
 
     def head(self, x, labels=None):
+        """Logits; with labels [B, T] their mean loss (training); with a list of label tensors (one per
+        objective: next token, t+2, ...) the loss of every window, [objectives, B] (eval.py's intervals)."""
         x = self.norm(x)
-        return self.lm_head(x) if labels is None else lm_loss(x, self.lm_head.weight, labels)
+        if labels is None:
+            return self.lm_head(x)
+        if isinstance(labels, torch.Tensor):
+            return lm_loss(x, self.lm_head.weight, labels)
+        return torch.stack([torch.stack([lm_loss(x[b:b + 1], self.lm_head.weight, y[b:b + 1]) for b in range(len(x))])
+                            for y in labels])
 
 
 class KVCache:
@@ -350,6 +357,20 @@ class Ouroboros(nn.Module):
             else:
                 x = self.step(x, k, cos, sin)
         return self.coda_head(x, cos, sin, labels)
+
+    @torch.no_grad()
+    def readout(self, input_ids, depths, labels=None) -> list:
+        """[forward(input_ids, d, labels) for d in depths] in one pass: the loop runs once to the largest
+        depth, and the coda and head read the state out after each requested step."""
+        for d in depths:
+            self.check_depth(d)
+        x, cos, sin = self.embed_prelude(input_ids)
+        out = {}
+        for k in range(max(depths)):
+            x = self.step(x, k, cos, sin)
+            if k + 1 in depths:
+                out[k + 1] = self.coda_head(x, cos, sin, labels)
+        return [out[d] for d in depths]
 
     def check_depth(self, depth: int):
         if not 1 <= depth <= self.config.max_steps:

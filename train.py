@@ -49,6 +49,7 @@ class TrainConfig:
     pool: str = "causal"
     depths: str = "4,8"             # drawn uniformly per batch (paper: 4,8,16; 16 is too slow on a CPU)
     seq_len: int = 256
+    label_offset: int = 1           # predict token t + label_offset; 2 is the authors' (double-shift) objective
     batch_size: int = 8             # sequences per micro-batch (per process)
     grad_accum: int = 1
     steps: int = 80                 # optimiser steps (CPU default: ~10 min on 2 cores)
@@ -83,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="*", default=[], help=f"files, folders, globs of {' '.join(KINDS)} (default: Python docs)")
     p.add_argument("--text-field", default=d.text_field, help="the .jsonl field / parquet column that holds the text")
     p.add_argument("--out", default=d.out)
-    for name in ("prelude", "recurrent", "coda", "rank", "seq_len", "batch_size", "grad_accum", "steps",
+    for name in ("prelude", "recurrent", "coda", "rank", "seq_len", "label_offset", "batch_size", "grad_accum", "steps",
                  "eval_interval", "save_interval", "eval_windows", "log_interval", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("alpha", "lr", "min_lr_ratio", "weight_decay", "beta2", "clip", "held_out"):
@@ -109,8 +110,8 @@ def parse_args(argv=None):
 
 def check(cfg: TrainConfig, resume: bool) -> list:
     """Settings that can only fail, all at once, before anything is loaded or written; -> the depths."""
-    problems = [f"--{n.replace('_', '-')} must be at least 1" for n in ("seq_len", "batch_size", "grad_accum", "steps",
-                "eval_interval", "save_interval", "eval_windows", "log_interval", "rank") if getattr(cfg, n) < 1]
+    problems = [f"--{n.replace('_', '-')} must be at least 1" for n in ("seq_len", "label_offset", "batch_size", "grad_accum",
+                "steps", "eval_interval", "save_interval", "eval_windows", "log_interval", "rank") if getattr(cfg, n) < 1]
     if not 0 <= cfg.warmup < max(cfg.steps, 1):
         problems.append(f"--warmup {cfg.warmup} must be in 0..{cfg.steps - 1} (below --steps)")
     if not 0 < cfg.held_out < 1:
@@ -216,7 +217,7 @@ def train(cfg: TrainConfig, resume: bool = False):
         raise SystemExit(f"error: --seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
     ckpt_path = os.path.join(cfg.out, "checkpoint.safetensors")
     # The data first: a wrong --data or --text-field is reported in seconds, not after loading the weights.
-    train_w, held_w = (Windows(t, cfg.seq_len) for t in load_splits(cfg.data, cfg.model, cfg.held_out, cfg.text_field, config))
+    train_w, held_w = (Windows(t, cfg.seq_len, cfg.label_offset) for t in load_splits(cfg.data, cfg.model, cfg.held_out, cfg.text_field, config))
 
     dtype, autocast = precision(device, cfg.precision)
     torch.manual_seed(cfg.seed)

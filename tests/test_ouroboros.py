@@ -235,3 +235,25 @@ def test_chunked_loss_gradient_in_bf16_when_the_model_is_confident():
     hb = h.clone().requires_grad_()
     (got,) = torch.autograd.grad(lm_loss(hb, w, y), hb)
     assert (got.double() - want).norm() / want.norm() < 0.05
+
+
+@pytest.mark.parametrize("variant,pool,gate", [("controller", "causal", True), ("controller", "mean", True),
+                                               ("static", "causal", True), ("none", "causal", False)])
+def test_one_pass_readout_equals_separate_forwards(ckpt, variant, pool, gate):
+    """eval.py's readout (the loop run once, the coda reading out each depth) gives what a forward at
+    each depth gives: logits, and the per-window losses of every objective."""
+    model = load_ouroboros(ckpt[0], **SPLIT, variant=variant, pool=pool, gate=gate)
+    randomise_trainable(model)
+    x, depths = ids(3, 20), [1, 3, 4, 7]
+    labels = [ids(3, 20, seed=1), ids(3, 20, seed=2)]
+    with torch.no_grad():
+        logits = model.readout(x, depths)
+        losses = model.readout(x, depths, labels)
+        for d, got, loss in zip(depths, logits, losses):
+            want = model(x, depth=d)
+            assert (got - want).abs().max() <= 1e-5
+            assert loss.shape == (2, 3)  # [objectives, windows]
+            for o, y in enumerate(labels):
+                for b in range(3):
+                    assert abs(loss[o, b] - F.cross_entropy(want[b], y[b])) <= 1e-5
+        assert (logits[0] - logits[-1]).abs().max() > 1e-3  # the depths really differ
