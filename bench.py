@@ -17,6 +17,8 @@ Rows
  7. decoding one token at 512 tokens of context, depth 8, batch 1: KV cache (model.KVCache) vs
     recomputing the whole sequence; the cache's memory per token
  8. prefill of a 512-token prompt into the cache vs the plain forward of the same tokens
+ 9. eval.py's per-window losses at depths 1, 4, 8, 16: one pass (the loop once, the coda reading out
+    each depth) vs a forward per depth (8 windows of 256 tokens)
 """
 import argparse
 import contextlib
@@ -411,6 +413,20 @@ def rows_decode(device, dtype, reps, context=512, depth=8):
              f"{context / t_forward:,.0f} tok/s plain forward", t_forward / t_prefill, "")]
 
 
+def row_readout(device, dtype, reps, depths=(1, 4, 8, 16), batch=8, T=256):
+    model = random_ouroboros(SMOLLM2, 8, 8, 32, dtype, device).eval()
+    ids, labels = (torch.randint(0, SMOLLM2["vocab_size"], (batch, T), device=device) for _ in range(2))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.no_grad(), autocast:
+        one = lambda: model.readout(ids, list(depths), [labels])
+        each = lambda: [model(ids, depth=d, labels=[labels]) for d in depths]
+        delta = max((a - b).abs().max().item() for a, b in zip(one(), each()))
+        t_one, t_each = timed([one, each], device, reps)
+    return (f"9. eval losses at depths {', '.join(map(str, depths))}, SmolLM2 shape, {batch} x {T}, {dtype_name(dtype)}",
+            f"{batch / t_one:.2f} windows/s one pass", f"{batch / t_each:.2f} windows/s a forward per depth",
+            t_each / t_one, f"max|dloss| {delta:.1e}")
+
+
 def dtype_name(dtype):
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
@@ -463,6 +479,7 @@ def main():
     rows += rows_decode(cpu, torch.float32, reps)
     if gpu:
         rows += rows_decode(gpu, torch.bfloat16, reps)
+    rows.append(row_readout(gpu or cpu, torch.bfloat16 if gpu else torch.float32, reps))
 
     print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")
     for name, ours, ref, ratio, note in rows:
