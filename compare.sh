@@ -6,7 +6,7 @@
 # checkpoint, and evaluated runs keep their per-window losses, so a second call does only what is missing.
 #
 #   bash compare.sh          # 6 trained variants x seeds 0, 1, 2 -> results/compare  (~2 h on 2 CPU cores)
-#   bash compare.sh ranks    # controller and static at rank 8 and 64, seed 0 -> results/ranks  (~30 min)
+#   bash compare.sh ranks    # controller and static at rank 8 and 64, seed 0 -> results/ranks  (~30 min more)
 #
 # The tables are rewritten after every run, so results/ holds whatever has finished.
 set -euo pipefail
@@ -15,51 +15,56 @@ PY=${PYTHON:-.venv/bin/python}
 RUNS=runs/compare
 EVAL=(--depths 1,4,8,16 --windows 48 --against static)
 
-run() {  # run NAME TRAIN-ARGS...: train runs/compare/NAME unless it has finished
-    local out=$RUNS/$1
-    shift
+flags() {  # the train.py flags of a variant
+    case $1 in
+        static) echo --variant static ;;
+        controller-causal) echo --variant controller --pool causal ;;
+        controller-mean) echo --variant controller --pool mean ;;
+        gate+norm) echo --variant none ;;
+        controller-causal-nogate) echo --variant controller --no-gate ;;
+        controller-causal-t+2) echo --variant controller --label-offset 2 ;;
+    esac
+}
+
+run() {  # run VARIANT SEED [RANK]: train runs/compare/VARIANT[-rRANK]-sSEED unless it has finished
+    local variant=$1 seed=$2 rank=${3:-32} out=$RUNS/$1${3:+-r$3}-s$2 resume=
     [ -f "$out/trained" ] && return
-    local resume=()
-    [ -f "$out/checkpoint.safetensors" ] && resume=(--resume)
+    [ -f "$out/checkpoint.safetensors" ] && resume=--resume
     mkdir -p "$out"
-    echo "== $out $*"
+    echo "== $out"
+    # tee -i: a Ctrl-C reaches train.py, which saves the step it is in, but not the log writer
     "$PY" train.py --out "$out" --steps 30 --warmup 10 --eval-interval 30 --eval-windows 8 --no-final-eval \
-        "$@" "${resume[@]}" 2>&1 | tee -a "$out/train.log"
+        $(flags "$variant") --seed "$seed" --rank "$rank" $resume 2>&1 | tee -ia "$out/train.log"
     touch "$out/trained"
 }
 
 table() {  # table OUT NAMES...: evaluate the finished runs among NAMES into OUT
-    local out=$1 runs=()
+    local out=$1 runs=() name
     shift
-    for name in "$@"; do [ -f "$RUNS/$name/trained" ] && runs+=("$RUNS/$name"); done
+    for name in "$@"; do
+        if [ -f "$RUNS/$name/trained" ]; then runs+=("$RUNS/$name"); fi
+    done
     "$PY" eval.py --run "${runs[@]}" "${EVAL[@]}" --out "$out" > /dev/null
 }
 
-declare -A VARIANT=(
-    [static]="--variant static"
-    [controller-causal]="--variant controller --pool causal"
-    [controller-mean]="--variant controller --pool mean"
-    [gate+norm]="--variant none"
-    [controller-causal-nogate]="--variant controller --no-gate"
-    [controller-causal-t+2]="--variant controller --label-offset 2"
-)
-ORDER=(static controller-causal controller-mean gate+norm controller-causal-nogate controller-causal-t+2)
-
-if [ "${1:-}" = ranks ]; then
+if [ "${1:-}" = ranks ]; then  # beside rank 32 (seeds 0, 1, 2 of the main comparison)
     names=()
+    for v in static controller-causal; do
+        for seed in 0 1 2; do run $v $seed; names+=($v-s$seed); done
+    done
     for r in 8 64; do
         for v in static controller-causal; do
-            run "$v-r$r-s0" ${VARIANT[$v]} --rank $r --seed 0
-            names+=("$v-r$r-s0")
-            table results/ranks static-s{0,1,2} controller-causal-s{0,1,2} "${names[@]}"
+            run $v 0 $r
+            names+=($v-r$r-s0)
+            table results/ranks "${names[@]}"
         done
     done
 else
     names=()
     for seed in 0 1 2; do
-        for v in "${ORDER[@]}"; do
-            run "$v-s$seed" ${VARIANT[$v]} --seed $seed
-            names+=("$v-s$seed")
+        for v in static controller-causal controller-mean gate+norm controller-causal-nogate controller-causal-t+2; do
+            run $v $seed
+            names+=($v-s$seed)
             table results/compare "${names[@]}"
         done
     done

@@ -30,6 +30,9 @@ from data import ROOT, Windows, load_splits
 from load_qwen import cli, load_model, load_run, parse_depths, pick_device, precision, run_config
 
 SPLITS = ("train", "held_out")
+ROOM = 2  # windows leave room for labels up to t+2, so tables with and without a t+2 run share them
+TRAINING = ("rank", "alpha", "variant", "gate", "pool", "depths", "seq_len", "label_offset", "batch_size", "grad_accum",
+            "steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta2", "clip")  # a variant's seeds share these
 TITLES = {"train": "training distribution", "held_out": "held-out documents"}
 
 
@@ -71,11 +74,20 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto", o
     if any([c[k] for k in shared] != [cfgs[0][k] for k in shared] for c in cfgs[1:]):
         raise ValueError("runs compared in one table must share model, data, split, seq_len and layer split: "
                          "evaluate such runs separately")
+    groups = {}  # variant -> (first run, its training settings, seeds so far)
+    for run, c in zip(runs, cfgs):
+        name, settings = variant(c), {k: c.get(k) for k in TRAINING}
+        other, want, seeds = groups.setdefault(name, (run, settings, set()))
+        differ = [k for k in TRAINING if settings[k] != want[k]]
+        if differ or c["seed"] in seeds:
+            raise ValueError(f"{run} and {other} are both {name}, " + (f"trained with different {', '.join(differ)}"
+                             if differ else f"both seed {c['seed']}") + ": a variant's runs must differ in --seed only")
+        seeds.add(c["seed"])
     first = cfgs[0]
     model_dir, batch = first["model"], first["batch_size"]
     offsets = sorted({1} | {c.get("label_offset", 1) for c in cfgs})
     streams = load_splits(first["data"], model_dir, first["held_out"], first.get("text_field", "text"))
-    data = {s: Windows(t, first["seq_len"], max(offsets)) for s, t in zip(SPLITS, streams)}  # the same inputs for every offset
+    data = {s: Windows(t, first["seq_len"], max(ROOM, *offsets)) for s, t in zip(SPLITS, streams)}
     picked = {s: data[s].spread(windows) for s in SPLITS}
     tokens = hashlib.sha1()
     for s in SPLITS:
@@ -121,7 +133,7 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto", o
     result["reference"] = memo(os.path.join(out or runs[0], "reference-losses.json"), ref_key, references)
     for run, cfg in zip(runs, cfgs):
         ckpt = os.stat(os.path.join(run, "checkpoint.safetensors"))
-        run_key = dict(key, checkpoint=[ckpt.st_size, ckpt.st_mtime_ns], depths=depths)
+        run_key = dict(key, files=weights, checkpoint=[ckpt.st_size, ckpt.st_mtime_ns], depths=depths)
         losses = memo(os.path.join(run, "eval-losses.json"), run_key, lambda: run_losses(run, cfg))
         result["runs"].append({"run": run, "variant": variant(cfg), "seed": cfg["seed"],
                                "label_offset": cfg.get("label_offset", 1), **losses})
@@ -250,8 +262,9 @@ def markdown(result) -> str:
     out = [f"Model `{result['model']}`, layers {result['split']}, {result['windows']} windows x {result['seq_len']} "
            "tokens per split, the same windows for every row. Loss: mean cross-entropy (nats) of the next token "
            "(t+1) unless the table says t+2. [95% CI]: percentile bootstrap over windows, a variant's seeds "
-           "averaged per window; ± is the standard deviation over seeds; Δ is the paired difference at the same "
-           "depth (negative: lower loss), * where its interval excludes 0."]
+           "averaged per window: it reflects which windows were drawn, not how seeds vary (± is the standard "
+           "deviation over seeds). Δ is the paired difference at the same depth (negative: lower loss), * where its "
+           "interval excludes 0."]
     rows = result["summary"]
     for s in SPLITS:
         for objective in result["reference"][s]:
@@ -267,8 +280,9 @@ def markdown(result) -> str:
                 else:
                     real = " *" if r["diff_low"] > 0 or r["diff_high"] < 0 else ""
                     diff = f"{r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]{real}"
+                gap = f"{r['gap']:.1f}%" if objective == "t+1" else "-"  # the full model was not trained for t+2
                 out.append(f"| {r['model']} | {r['depth'] or '-'} | {r['seeds'] or '-'} | {r['loss']:.3f} "
-                           f"[{r['low']:.3f}, {r['high']:.3f}] | {sd} | {diff} | {r['gap']:.1f}% |")
+                           f"[{r['low']:.3f}, {r['high']:.3f}] | {sd} | {diff} | {gap} |")
     return "\n".join(out)
 
 

@@ -243,7 +243,7 @@ def train(cfg: TrainConfig, resume: bool = False):
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     per_step = cfg.batch_size * cfg.grad_accum * world  # sequences per optimiser step, all processes
-    eval_depth = max(depths)
+    eval_depth, objective = max(depths), "" if cfg.label_offset == 1 else f", token t+{cfg.label_offset}"
     model.train()
     t0, tokens_seen, loss_sum, logged = time.time(), 0, torch.zeros((), device=device), 0
     order_epoch, skipped, in_a_row = None, 0, 0
@@ -301,7 +301,7 @@ def train(cfg: TrainConfig, resume: bool = False):
             if done % cfg.eval_interval == 0 or done == cfg.steps:
                 held = held_w.mean_loss(lambda x, y: model(x, depth=eval_depth, labels=y), cfg.eval_windows,
                                         cfg.batch_size, device, autocast)
-                line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {eval_depth})"
+                line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {eval_depth}{objective})"
             if line:
                 log(line, flush=True)
             # Periodic saves wait for a good update. The final and stop saves do not: a skipped step left

@@ -173,8 +173,8 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     ref = result["reference"]["held_out"]["t+1"]
     model, corpus, cache = setup  # the reference and a run, recomputed independently on the same windows
-    held = data.Windows(data.load_splits([corpus], model, 0.05, cache=cache)[1], 32)
-    x, y = held.batch(held.spread(4))
+    held = data.Windows(data.load_splits([corpus], model, 0.05, cache=cache)[1], 32, evaluation.ROOM)
+    x, (y,) = held.batch(held.spread(4), offsets=[1])
     run0, _ = load_qwen.load_run(runs[0])
     with torch.no_grad():
         full = load_model(model)
@@ -188,7 +188,10 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     row = [l for l in table.split("held-out documents")[1].splitlines() if l.startswith("| controller-causal-r8 | 2 | 2 |")][0]
     pooled = np.mean([result["runs"][i]["held_out"]["t+1"]["2"] for i in (0, 1)], 0)
     static = np.array(result["runs"][2]["held_out"]["t+1"]["2"])
-    assert f"{pooled.mean():.3f} [" in row and f"{(pooled - static).mean():+.3f} [" in row
+    diff, low, high = evaluation.bootstrap(pooled - static)  # paired: window by window
+    assert f"{pooled.mean():.3f} [" in row and f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]" in row
+    seeds = [np.mean(result["runs"][i]["held_out"]["t+1"]["2"]) for i in (0, 1)]
+    assert f"| {np.std(seeds, ddof=1):.3f} |" in row
     pruned, full = np.mean(ref["pruned"]), np.mean(ref["full"])
     assert f"{100 * (pruned - pooled.mean()) / (pruned - full):.1f}%" in row
     assert "| Δ vs static-r8 [95% CI] |" in table and (res / "results.png").stat().st_size > 1000
@@ -198,9 +201,19 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["runs"] == result["runs"]
     assert cached == ((res / "reference-losses.json").stat().st_mtime_ns,
                       (tmp_path / "controller0" / "eval-losses.json").stat().st_mtime_ns)
+    evaluation.main([a if a != "1,2" else "2" for a in cmd])  # other depths: the runs are recomputed, not the references
+    again = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "controller0" / "eval-losses.json").stat().st_mtime_ns != cached[1]
+    assert (res / "reference-losses.json").stat().st_mtime_ns == cached[0]
+    assert again["runs"][0]["held_out"]["t+1"]["2"] == result["runs"][0]["held_out"]["t+1"]["2"]
     with pytest.raises(SystemExit, match="--against gate: no run of that variant; give pruned, full or one of "
                                          "controller-causal-r8, static-r8"):
         evaluation.main(cmd[:-1] + ["gate"])
+    with pytest.raises(SystemExit, match="are both static-r8, both seed 0: a variant's runs must differ in --seed only"):
+        evaluation.main(cmd + ["--run", runs[2], runs[2]])
+    train.main(args(setup, str(tmp_path / "longer"), "--steps", "3", "--variant", "static"))
+    with pytest.raises(SystemExit, match="are both static-r8, trained with different steps"):
+        evaluation.main(cmd + ["--run", runs[2], str(tmp_path / "longer")])
 
 
 def test_label_offset_2_trains_on_token_t_plus_2(setup, tmp_path, monkeypatch, capsys):
@@ -217,11 +230,19 @@ def test_label_offset_2_trains_on_token_t_plus_2(setup, tmp_path, monkeypatch, c
     for x, y in seen:
         assert torch.equal(y[:, :-2], x[:, 2:]) and not torch.equal(y[:, :-1], x[:, 1:])
     assert json.load(open(os.path.join(out, "config.json")))["label_offset"] == 2
-    capsys.readouterr()
+    assert "(depth 3, token t+2)" in capsys.readouterr().out  # the logged held-out loss says which token
     evaluation.main(["--run", out, "--depths", "2", "--windows", "2", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["runs"][0]["variant"] == "controller-causal-r8-t+2"
     assert list(result["runs"][0]["held_out"]) == list(result["reference"]["held_out"]) == ["t+1", "t+2"]
+    model, corpus, cache = setup  # each objective's losses, recomputed with its own labels
+    held = data.Windows(data.load_splits([corpus], model, 0.05, cache=cache)[1], 32, 2)
+    x, (y1, y2) = held.batch(held.spread(2), offsets=[1, 2])
+    run, _ = load_qwen.load_run(out)
+    with torch.no_grad():
+        for name, y in (("t+1", y1), ("t+2", y2)):
+            got = result["runs"][0]["held_out"][name]["2"]
+            assert max(abs(run(x[i:i + 1], depth=2, labels=y[i:i + 1]).item() - got[i]) for i in range(2)) < 1e-5
 
 
 def test_windows_label_offset():
