@@ -2,7 +2,7 @@
 # The README's comparison in one command. Every run trains on the same tokens (30 optimiser steps of
 # 8 x 256 tokens of the Python docs, depths 4/8 drawn per batch, lr warmup 10) and is evaluated on the
 # same windows (48 per split) at depths 1, 4, 8, 16, with paired 95% bootstrap intervals against the
-# static diagonals (eval.py). Resumable: a finished run is skipped, a killed one resumes from its last
+# static diagonals, the causal controller and the pruned baseline (eval.py --against). Resumable: a finished run is skipped, a killed one resumes from its last
 # checkpoint, and evaluated runs keep their per-window losses, so a second call does only what is missing.
 #
 #   bash compare.sh          # 6 trained variants x seeds 0, 1, 2 -> results/compare  (~2 h on 2 CPU cores)
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-.venv/bin/python}
 RUNS=runs/compare
-EVAL=(--depths 1,4,8,16 --windows 48 --against static)
+EVAL=(--depths 1,4,8,16 --windows 48)
 
 flags() {  # the train.py flags of a variant
     case $1 in
@@ -38,13 +38,13 @@ run() {  # run VARIANT SEED [RANK]: train runs/compare/VARIANT[-rRANK]-sSEED unl
     touch "$out/trained"
 }
 
-table() {  # table OUT NAMES...: evaluate the finished runs among NAMES into OUT
-    local out=$1 runs=() name
-    shift
+table() {  # table OUT AGAINST NAMES...: evaluate the finished runs among NAMES into OUT
+    local out=$1 against=$2 runs=() name
+    shift 2
     for name in "$@"; do
         if [ -f "$RUNS/$name/trained" ]; then runs+=("$RUNS/$name"); fi
     done
-    "$PY" eval.py --run "${runs[@]}" "${EVAL[@]}" --out "$out" > /dev/null
+    "$PY" eval.py --run "${runs[@]}" "${EVAL[@]}" --against "$against" --out "$out" > /dev/null
 }
 
 if [ "${1:-}" = ranks ]; then  # beside rank 32 (seeds 0, 1, 2 of the main comparison)
@@ -56,16 +56,17 @@ if [ "${1:-}" = ranks ]; then  # beside rank 32 (seeds 0, 1, 2 of the main compa
         for v in static controller-causal; do
             run $v 0 $r
             names+=($v-r$r-s0)
-            table results/ranks "${names[@]}"
+            table results/ranks static,controller-causal "${names[@]}"
         done
     done
+    table results/ranks static-r8,static,static-r64,controller-causal "${names[@]}"  # each rank's static too
 else
     names=()
     for seed in 0 1 2; do
         for v in static controller-causal controller-mean gate+norm controller-causal-nogate controller-causal-t+2; do
             run $v $seed
             names+=($v-s$seed)
-            table results/compare "${names[@]}"
+            table results/compare static,controller-causal,pruned "${names[@]}"
         done
     done
 fi

@@ -1,13 +1,13 @@
 """Evaluate trained runs against the full model, the pruned baseline and each other, with intervals.
 
     python eval.py --run runs/controller-causal-s0
-    python eval.py --run runs/compare/*-s[0-9] --against static --out results/compare
+    python eval.py --run runs/compare/*-s[0-9] --against static,pruned --out results/compare
 
 For each split (training distribution, held-out documents) it measures, on the same fixed windows,
 the loss of every window for the full model, the pruned baseline (prelude -> recurrent layer once ->
 coda, nothing trained) and every run at each depth. One pass per window serves every depth: the loop
 runs once to the largest depth, and the coda reads the state out at each requested one. The seeds of
-a variant are averaged window by window, and each variant is compared with the --against variant at
+a variant are averaged window by window, and each variant is compared with each --against variant at
 the same depth: the mean paired difference and its 95% bootstrap interval, windows resampled.
 
     loss reduction % = (pruned - x) / pruned        gap recovered % = (pruned - x) / (pruned - full)
@@ -224,10 +224,10 @@ def bootstrap(values, level=0.95, samples=10_000, seed=0):
     return float(v.mean()), float(low), float(high)
 
 
-def summary(result, against="pruned") -> list:
-    """One row per (split, objective, model, depth): loss with its interval, the spread over seeds, and the
-    paired difference to `against` at the same depth (to the pruned baseline where `against` was not
-    scored on that objective), with its interval."""
+def summary(result, against=("pruned",)) -> list:
+    """One row per (split, objective, model, depth): loss with its interval, the spread over seeds, and
+    the paired difference to each of `against` scored on that objective (the pruned baseline where none
+    is), at the same depth, with its interval: {"diffs": {name: [mean, low, high]}}."""
     rows = []
     for s in SPLITS:
         for objective, ref in result["reference"][s].items():
@@ -241,19 +241,19 @@ def summary(result, against="pruned") -> list:
                     return np.array(ref[name])
                 return np.mean([r[s][objective][str(d)] for r in groups[name]], 0)
 
-            base = against if against in ref or against in groups else "pruned"
+            bases = [a for a in against if a in ref or a in groups] or ["pruned"]
             full, pruned = np.mean(ref["full"]), np.mean(ref["pruned"])
             for name, d in [("full", None), ("pruned", 1)] + [(v, d) for v in groups for d in result["depths"]]:
                 w = windows(name, d)
                 loss, low, high = bootstrap(w)
-                paired = name not in ref or base in ref  # a reference row has no depth to pair a variant at
-                diff, diff_low, diff_high = bootstrap(w - windows(base, d)) if paired else (None, None, None)
                 seeds = [np.mean(r[s][objective][str(d)]) for r in groups.get(name, [])]
+                # a reference row has no depth to pair a variant with
+                diffs = {b: bootstrap(w - windows(b, d)) for b in bases if b != name and (name not in ref or b in ref)}
                 rows.append({"split": s, "objective": objective, "model": name, "depth": d, "seeds": len(seeds),
                              "loss": loss, "low": low, "high": high,
-                             "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None,
-                             "against": base, "diff": diff, "diff_low": diff_low, "diff_high": diff_high,
-                             "reduction": 100 * (pruned - loss) / pruned, "gap": 100 * (pruned - loss) / (pruned - full)})
+                             "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None, "against": bases,
+                             "diffs": diffs, "reduction": 100 * (pruned - loss) / pruned,
+                             "gap": 100 * (pruned - loss) / (pruned - full)})
     return rows
 
 
@@ -269,20 +269,22 @@ def markdown(result) -> str:
     for s in SPLITS:
         for objective in result["reference"][s]:
             table = [r for r in rows if r["split"] == s and r["objective"] == objective]
-            base = table[0]["against"]
+            bases = table[0]["against"]
             out += ["", f"**{TITLES[s]}, token {objective}**", "",
-                    f"| model | depth | seeds | loss [95% CI] | ± seeds | Δ vs {base} [95% CI] | gap recovered |",
-                    "|---|---|---|---|---|---|---|"]
+                    "| model | depth | seeds | loss [95% CI] | ± seeds | " + " | ".join(f"Δ vs {b} [95% CI]" for b in bases)
+                    + " | gap recovered |", "|---|---|---|---|---|" + "---|" * len(bases) + "---|"]
             for r in table:
                 sd = "" if r["seed_sd"] is None else f"{r['seed_sd']:.3f}"
-                if r["model"] == base or r["diff"] is None:
-                    diff = "-"
-                else:
-                    real = " *" if r["diff_low"] > 0 or r["diff_high"] < 0 else ""
-                    diff = f"{r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]{real}"
+                diffs = []
+                for b in bases:
+                    if b not in r["diffs"]:
+                        diffs.append("-")
+                        continue
+                    m, low, high = r["diffs"][b]
+                    diffs.append(f"{m:+.3f} [{low:+.3f}, {high:+.3f}]" + (" *" if low > 0 or high < 0 else ""))
                 gap = f"{r['gap']:.1f}%" if objective == "t+1" else "-"  # the full model was not trained for t+2
                 out.append(f"| {r['model']} | {r['depth'] or '-'} | {r['seeds'] or '-'} | {r['loss']:.3f} "
-                           f"[{r['low']:.3f}, {r['high']:.3f}] | {sd} | {diff} | {gap} |")
+                           f"[{r['low']:.3f}, {r['high']:.3f}] | {sd} | {' | '.join(diffs)} | {gap} |")
     return "\n".join(out)
 
 
@@ -299,21 +301,22 @@ def pyplot():
 
 
 def plot(result, file):
-    """Next-token loss against depth per variant (top) and the paired difference to --against (bottom),
-    with 95% bootstrap intervals; one column per split."""
+    """Next-token loss against depth per variant (top) and the paired difference to the first --against
+    (bottom), with 95% bootstrap intervals; one column per split."""
     plt = pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True, sharey="row")
     for col, s in enumerate(SPLITS):
         rows = [r for r in result["summary"] if r["split"] == s and r["objective"] == "t+1"]
-        ref = {r["model"]: r for r in rows if r["depth"] in (None, 1) and r["model"] in ("full", "pruned")}
+        base = rows[0]["against"][0]
+        ref = {r["model"]: r for r in rows if r["model"] in ("full", "pruned")}
         for name in dict.fromkeys(r["model"] for r in rows if r["model"] not in ref):
             rs = [r for r in rows if r["model"] == name]
             d = [r["depth"] for r in rs]
-            for ax, k in ((axes[0, col], ""), (axes[1, col], "diff")):
-                m = np.array([r[k or "loss"] for r in rs])
-                lo, hi = (np.array([r[f"{k}_{e}" if k else e] for r in rs]) for e in ("low", "high"))
+            for ax, stats in ((axes[0, col], [(r["loss"], r["low"], r["high"]) for r in rs]),
+                              (axes[1, col], [r["diffs"].get(base, (np.nan,) * 3) for r in rs])):
+                m, lo, hi = np.array(stats).T
                 ax.errorbar(d, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=name)
         axes[0, col].axhline(ref["pruned"]["loss"], color="gray", ls="--", label="pruned baseline")
         axes[0, col].axhline(ref["full"]["loss"], color="black", ls=":", label="full model")
@@ -321,7 +324,7 @@ def plot(result, file):
         axes[0, col].set(title=TITLES[s])
         axes[1, col].set(xlabel="depth", xticks=result["depths"])
     axes[0, 0].set_ylabel("next-token loss (nats)")
-    axes[1, 0].set_ylabel(f"Δ vs {rows[0]['against']} (nats)")
+    axes[1, 0].set_ylabel(f"Δ vs {base} (nats)")
     axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
@@ -334,8 +337,8 @@ def main(argv=None):
     p.add_argument("--run", nargs="+", required=True, help="run folder(s) written by train.py")
     p.add_argument("--depths", default=None, help="default 1,4,8 (and 16 on a GPU)")
     p.add_argument("--windows", type=int, default=16, help="windows per split (more: narrower intervals)")
-    p.add_argument("--against", default="pruned",
-                   help="what every row is compared with at the same depth: pruned, full or a variant (static, ...)")
+    p.add_argument("--against", default="pruned", help="what every row is compared with at the same depth: "
+                   "comma-separated, each pruned, full or a variant (static, controller-causal, ...)")
     p.add_argument("--out", default=None, help="folder for results.json/.md/.png (default: the first run's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -366,12 +369,13 @@ def main(argv=None):
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
     if a.adaptive is None:
-        names = {variant(run_config(run)) for run in a.run}
-        if a.against not in names | {"pruned", "full"}:
-            raise SystemExit(f"error: --against {a.against}: no run of that variant; give pruned, full or one of "
+        names, against = {variant(run_config(run)) for run in a.run}, a.against.split(",")
+        unknown = [x for x in against if x not in names | {"pruned", "full"}]
+        if unknown:
+            raise SystemExit(f"error: --against {','.join(unknown)}: no run of that variant; give pruned, full or one of "
                              f"{', '.join(sorted(names))}")
         result = evaluate(a.run, depths, a.windows, a.device, a.precision, a.out)
-        result["summary"] = summary(result, a.against)
+        result["summary"] = summary(result, against)
     else:
         result = evaluate_adaptive(a.run[0], depths, thresholds, a.windows, device_name=a.device,
                                    precision_mode=a.precision)

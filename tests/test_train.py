@@ -168,7 +168,7 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     capsys.readouterr()
     res = tmp_path / "res"
     cmd = ["--run", *runs, "--depths", "1,2", "--windows", "4", "--out", str(res), "--json", "--precision", "fp32",
-           "--against", "static-r8"]
+           "--against", "static-r8,pruned"]
     evaluation.main(cmd)
     result = json.loads(capsys.readouterr().out)
     ref = result["reference"]["held_out"]["t+1"]
@@ -190,11 +190,13 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     static = np.array(result["runs"][2]["held_out"]["t+1"]["2"])
     diff, low, high = evaluation.bootstrap(pooled - static)  # paired: window by window
     assert f"{pooled.mean():.3f} [" in row and f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]" in row
+    diff, low, high = evaluation.bootstrap(pooled - np.array(ref["pruned"]))
+    assert f"| {diff:+.3f} [{low:+.3f}, {high:+.3f}]" in row  # and vs the pruned baseline
     seeds = [np.mean(result["runs"][i]["held_out"]["t+1"]["2"]) for i in (0, 1)]
     assert f"| {np.std(seeds, ddof=1):.3f} |" in row
     pruned, full = np.mean(ref["pruned"]), np.mean(ref["full"])
     assert f"{100 * (pruned - pooled.mean()) / (pruned - full):.1f}%" in row
-    assert "| Δ vs static-r8 [95% CI] |" in table and (res / "results.png").stat().st_size > 1000
+    assert "| Δ vs static-r8 [95% CI] | Δ vs pruned [95% CI] |" in table and (res / "results.png").stat().st_size > 1000
     # The losses are cached: a second table reads them back (nothing is recomputed) and says the same.
     cached = (res / "reference-losses.json").stat().st_mtime_ns, (tmp_path / "controller0" / "eval-losses.json").stat().st_mtime_ns
     evaluation.main(cmd)
