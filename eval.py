@@ -30,7 +30,6 @@ from data import ROOT, Windows, load_splits
 from load_qwen import cli, load_model, load_run, parse_depths, pick_device, precision, run_config
 
 SPLITS = ("train", "held_out")
-ROOM = 2  # windows leave room for labels up to t+2, so tables with and without a t+2 run share them
 TRAINING = ("rank", "alpha", "variant", "gate", "pool", "depths", "seq_len", "label_offset", "batch_size", "grad_accum",
             "steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta2", "clip")  # a variant's seeds share these
 TITLES = {"train": "training distribution", "held_out": "held-out documents"}
@@ -87,7 +86,9 @@ def evaluate(runs, depths, windows, device_name="auto", precision_mode="auto", o
     model_dir, batch = first["model"], first["batch_size"]
     offsets = sorted({1} | {c.get("label_offset", 1) for c in cfgs})
     streams = load_splits(first["data"], model_dir, first["held_out"], first.get("text_field", "text"))
-    data = {s: Windows(t, first["seq_len"], max(ROOM, *offsets)) for s, t in zip(SPLITS, streams)}
+    # Windows with room for the farthest label: the same inputs serve every objective. (A table with a t+2
+    # run can pick other windows than one without: only if the stream length is 1 mod seq_len.)
+    data = {s: Windows(t, first["seq_len"], max(offsets)) for s, t in zip(SPLITS, streams)}
     picked = {s: data[s].spread(windows) for s in SPLITS}
     tokens = hashlib.sha1()
     for s in SPLITS:

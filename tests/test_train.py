@@ -173,8 +173,8 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     ref = result["reference"]["held_out"]["t+1"]
     model, corpus, cache = setup  # the reference and a run, recomputed independently on the same windows
-    held = data.Windows(data.load_splits([corpus], model, 0.05, cache=cache)[1], 32, evaluation.ROOM)
-    x, (y,) = held.batch(held.spread(4), offsets=[1])
+    held = data.Windows(data.load_splits([corpus], model, 0.05, cache=cache)[1], 32)
+    x, y = held.batch(held.spread(4))
     run0, _ = load_qwen.load_run(runs[0])
     with torch.no_grad():
         full = load_model(model)
