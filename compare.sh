@@ -38,13 +38,18 @@ run() {  # run VARIANT SEED [RANK]: train runs/compare/VARIANT[-rRANK]-sSEED unl
     touch "$out/trained"
 }
 
-table() {  # table OUT AGAINST NAMES...: evaluate the finished runs among NAMES into OUT
-    local out=$1 against=$2 runs=() name
+table() {  # table OUT AGAINST NAMES...: the finished runs among NAMES into OUT, against those of AGAINST there are
+    local out=$1 wanted=$2 against= runs=() name a
     shift 2
     for name in "$@"; do
         if [ -f "$RUNS/$name/trained" ]; then runs+=("$RUNS/$name"); fi
     done
-    "$PY" eval.py --run "${runs[@]}" "${EVAL[@]}" --against "$against" --out "$out" > /dev/null
+    for a in ${wanted//,/ }; do
+        for name in pruned full "${runs[@]}"; do
+            if [ "${name%-s[0-9]*}" = "$a" ] || [ "${name%-s[0-9]*}" = "$RUNS/$a" ]; then against+=,$a; break; fi
+        done
+    done
+    "$PY" eval.py --run "${runs[@]}" "${EVAL[@]}" --against "${against#,}" --out "$out" > /dev/null
 }
 
 if [ "${1:-}" = ranks ]; then  # beside rank 32 (seeds 0, 1, 2 of the main comparison)
@@ -63,7 +68,7 @@ if [ "${1:-}" = ranks ]; then  # beside rank 32 (seeds 0, 1, 2 of the main compa
 else
     names=()
     for seed in 0 1 2; do
-        for v in static controller-causal controller-mean gate+norm controller-causal-nogate controller-causal-t+2; do
+        for v in static controller-causal controller-causal-t+2 controller-mean gate+norm controller-causal-nogate; do
             run $v $seed
             names+=($v-s$seed)
             table results/compare static,controller-causal,pruned "${names[@]}"
