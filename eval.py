@@ -308,12 +308,16 @@ def plot(result, file):
     if plt is None:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True, sharey="row")
+    off = set()  # variants far above the pruned baseline (no gate): drawn, they would flatten the rest
     for col, s in enumerate(SPLITS):
         rows = [r for r in result["summary"] if r["split"] == s and r["objective"] == "t+1"]
         base = rows[0]["against"][0]
         ref = {r["model"]: r for r in rows if r["model"] in ("full", "pruned")}
         for name in dict.fromkeys(r["model"] for r in rows if r["model"] not in ref):
             rs = [r for r in rows if r["model"] == name]
+            if max(r["loss"] for r in rs) > 1.25 * ref["pruned"]["loss"]:
+                off.add(name)
+                continue
             d = [r["depth"] for r in rs]
             for ax, stats in ((axes[0, col], [(r["loss"], r["low"], r["high"]) for r in rs]),
                               (axes[1, col], [r["diffs"].get(base, (np.nan,) * 3) for r in rs])):
@@ -327,6 +331,8 @@ def plot(result, file):
     axes[0, 0].set_ylabel("next-token loss (nats)")
     axes[1, 0].set_ylabel(f"Δ vs {base} (nats)")
     axes[0, 1].legend(fontsize=7)
+    if off:
+        fig.suptitle(f"not drawn, far above the pruned baseline: {', '.join(sorted(off))}", fontsize=9)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     return file
