@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from data import CACHE, KINDS, ROOT, Windows, load_splits
 from load_qwen import cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, parse_depths, pick_device, precision, trainable
@@ -148,9 +148,13 @@ def save_checkpoint(path, model, opt, step, cfg):
     if bad:  # a finite update that overflowed: the non-finite guard in the loop cannot see it coming
         raise ValueError(f"{bad[0]} is not finite after step {step}: the run diverged; lower --lr (now {cfg.lr:g}). "
                          f"{path} was left as it was")
+    blob = save(tensors, metadata={"step": str(step), "config": json.dumps(asdict(cfg))})
     tmp = path + ".tmp"
-    try:
-        save_file(tensors, tmp, metadata={"step": str(step), "config": json.dumps(asdict(cfg))})
+    try:  # written here rather than by safetensors' save_file, whose disk-full error is not an OSError
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the last good checkpoint
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,4 +1,6 @@
 """Training loop, resume, DDP and evaluation, on a tiny model and corpus (the data pipeline: test_data.py)."""
+import errno
+import io
 import json
 import math
 import os
@@ -429,14 +431,16 @@ def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatc
     default warmup (0 for a run this short) also runs."""
     out = tmp_path / "run"
     saved = snapshots(monkeypatch)
-    real = train.save_file
 
-    def disk_full(tensors, file, metadata):
-        if metadata["step"] != "2":
-            open(file, "wb").write(b"half a checkpoint")
-            raise OSError(28, "No space left on device")
-        real(tensors, file, metadata=metadata)
-    monkeypatch.setattr(train, "save_file", disk_full)
+    class FullDisk(io.FileIO):  # what a full disk does to a write: part of it lands, then ENOSPC
+        def write(self, b):
+            super().write(bytes(b)[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def disk_fills_after_step_2(file, mode="r", **kw):
+        full = file.endswith(".tmp") and 2 in saved
+        return FullDisk(file, mode) if full else open(file, mode, **kw)
+    monkeypatch.setattr(train, "open", disk_fills_after_step_2, raising=False)  # train.py's own writes
     with pytest.raises(SystemExit, match=r"error: could not save .* at step 5 .*No space left.* holds step 2"):
         train.main(args(setup, str(out), "--steps", "5"))
     log = capsys.readouterr().out
