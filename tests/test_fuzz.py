@@ -1,7 +1,8 @@
-"""Damaged inputs, fuzzed (seeded): config.json, a safetensors header, tokenizer.json and a training
-checkpoint, broken in many random ways. Every case loads cleanly or ends in the project's error on bad
-input (a ValueError, CheckpointError among them, which load_qwen.cli turns into one line); anything
-else -- another exception, a crash, a hang -- fails the test and names the seed that caused it."""
+"""Damaged inputs, fuzzed (seeded): config.json, a safetensors header, tokenizer.json, a training
+checkpoint and the token cache, broken in many random ways. Every case loads cleanly or ends in the
+project's error on bad input (a ValueError, CheckpointError among them, which load_qwen.cli turns
+into one line); anything else -- another exception, a crash, a hang -- fails the test and names the
+seed that caused it. A damaged token cache is prepared again instead."""
 import json
 import os
 import random
@@ -10,11 +11,13 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import train
-from conftest import make_model_folder
+from conftest import make_corpus, make_model_folder
 from load_qwen import load_checkpoint, load_model, load_ouroboros, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +147,38 @@ def test_fuzzed_checkpoint(originals, tmp_path):
         load_checkpoint(damaged, model, opt)
         opt.step()  # what --resume does next: the restored AdamW state must fit
     fuzz(ckpt, damage, load, tmp_path, "checkpoint")
+
+
+def test_fuzzed_token_cache(originals, tmp_path, capfd):
+    """A damaged token cache is the machine's fault, not the user's: it is never an error. A damaged
+    manifest, or a token file of the wrong size, is prepared again and gives the original tokens.
+    Bytes changed inside a token file of the right size are read as they are: the manifest vouches
+    for sizes, not content (hashing the files on every load would cost a pass over the corpus)."""
+    corpus = make_corpus(str(tmp_path / "corpus"))
+    want = [np.array(s) for s in data.load_splits([corpus], originals[0], 0.2, cache=str(tmp_path / "clean"))]
+    (key,) = os.listdir(tmp_path / "clean" / "tokens")
+    prepared = 0
+    for seed in range(CASES):
+        rng = random.Random(seed)
+        cache = tmp_path / f"cache{seed}"
+        shutil.copytree(tmp_path / "clean", cache)
+        file = cache / "tokens" / key / rng.choice(["manifest.json", "train.bin", "held_out.bin"])
+        before = file.read_bytes()
+        after = (damage_json if file.suffix == ".json" else mutate_bytes)(before, rng)
+        file.write_bytes(after)
+        capfd.readouterr()
+        try:
+            got = data.load_splits([corpus], originals[0], 0.2, cache=str(cache))
+        except Exception as e:
+            raise AssertionError(f"token cache seed {seed} ({file.name}): {type(e).__name__}: {e}") from e
+        again = "tokenised" in capfd.readouterr().err
+        prepared += again
+        if file.suffix == ".bin" and len(after) == len(before):
+            assert not again and [len(g) for g in got] == [len(w) for w in want], seed
+        else:
+            assert all(np.array_equal(g, w) for g, w in zip(got, want)), f"seed {seed} ({file.name})"
+        shutil.rmtree(cache)
+    assert prepared > CASES // 3  # the damage is real, most of it is seen
 
 
 def test_clis_on_damaged_folders_print_one_line_not_a_traceback(originals, tmp_path):
