@@ -228,7 +228,8 @@ def bootstrap(values, level=0.95, samples=10_000, seed=0):
 def summary(result, against=("pruned",)) -> list:
     """One row per (split, objective, model, depth): loss with its interval, the spread over seeds, and
     the paired difference to each of `against` scored on that objective (the pruned baseline where none
-    is), at the same depth, with its interval: {"diffs": {name: [mean, low, high]}}."""
+    is), at the same depth, with its interval: {"diffs": {name: [mean, low, high]}}, and the same
+    difference seed by seed where both have that seed: {"seed_diffs": {name: [...]}}."""
     rows = []
     for s in SPLITS:
         for objective, ref in result["reference"][s].items():
@@ -242,18 +243,24 @@ def summary(result, against=("pruned",)) -> list:
                     return np.array(ref[name])
                 return np.mean([r[s][objective][str(d)] for r in groups[name]], 0)
 
+            def seeds_of(name, d):  # {seed: mean loss}; one seed means the same batches, so seeds pair up
+                return {r["seed"]: np.mean(r[s][objective][str(d)]) for r in groups.get(name, [])}
+
             bases = [a for a in against if a in ref or a in groups] or ["pruned"]
             full, pruned = np.mean(ref["full"]), np.mean(ref["pruned"])
             for name, d in [("full", None), ("pruned", 1)] + [(v, d) for v in groups for d in result["depths"]]:
                 w = windows(name, d)
                 loss, low, high = bootstrap(w)
-                seeds = [np.mean(r[s][objective][str(d)]) for r in groups.get(name, [])]
+                mine = seeds_of(name, d)
+                seeds = list(mine.values())
                 # a reference row has no depth to pair a variant with
                 diffs = {b: bootstrap(w - windows(b, d)) for b in bases if b != name and (name not in ref or b in ref)}
+                theirs = {b: {seed: np.mean(ref[b]) for seed in mine} if b in ref else seeds_of(b, d) for b in diffs}
+                seed_diffs = {b: [m - theirs[b][seed] for seed, m in mine.items() if seed in theirs[b]] for b in diffs}
                 rows.append({"split": s, "objective": objective, "model": name, "depth": d, "seeds": len(seeds),
                              "loss": loss, "low": low, "high": high,
                              "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None, "against": bases,
-                             "diffs": diffs, "reduction": 100 * (pruned - loss) / pruned,
+                             "diffs": diffs, "seed_diffs": seed_diffs, "reduction": 100 * (pruned - loss) / pruned,
                              "gap": 100 * (pruned - loss) / (pruned - full)})
     return rows
 
@@ -265,7 +272,8 @@ def markdown(result) -> str:
            "(t+1) unless the table says t+2. [95% CI]: percentile bootstrap over windows, a variant's seeds "
            "averaged per window: it reflects which windows were drawn, not how seeds vary (± is the standard "
            "deviation over seeds). Δ is the paired difference at the same depth (negative: lower loss), * where its "
-           "interval excludes 0."]
+           "interval excludes 0; k/n seeds: in k of the n seeds both rows share (the same batches), the difference "
+           "has the same sign."]
     rows = result["summary"]
     for s in SPLITS:
         for objective in result["reference"][s]:
@@ -282,7 +290,9 @@ def markdown(result) -> str:
                         diffs.append("-")
                         continue
                     m, low, high = r["diffs"][b]
-                    diffs.append(f"{m:+.3f} [{low:+.3f}, {high:+.3f}]" + (" *" if low > 0 or high < 0 else ""))
+                    per_seed = r["seed_diffs"][b]
+                    agree = f", {sum((x > 0) == (m > 0) for x in per_seed)}/{len(per_seed)} seeds" if len(per_seed) > 1 else ""
+                    diffs.append(f"{m:+.3f} [{low:+.3f}, {high:+.3f}]" + (" *" if low > 0 or high < 0 else "") + agree)
                 gap = f"{r['gap']:.1f}%" if objective == "t+1" else "-"  # the full model was not trained for t+2
                 out.append(f"| {r['model']} | {r['depth'] or '-'} | {r['seeds'] or '-'} | {r['loss']:.3f} "
                            f"[{r['low']:.3f}, {r['high']:.3f}] | {sd} | {' | '.join(diffs)} | {gap} |")

@@ -194,6 +194,11 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     assert f"{pooled.mean():.3f} [" in row and f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]" in row
     diff, low, high = evaluation.bootstrap(pooled - np.array(ref["pruned"]))
     assert f"| {diff:+.3f} [{low:+.3f}, {high:+.3f}]" in row  # and vs the pruned baseline
+    seed_diffs = [np.mean(np.array(result["runs"][i]["held_out"]["t+1"]["2"]) - ref["pruned"]) for i in (0, 1)]
+    assert f", {sum(x > 0 for x in seed_diffs) if diff > 0 else sum(x < 0 for x in seed_diffs)}/2 seeds |" in row
+    (summary,) = [r for r in result["summary"] if (r["split"], r["model"], r["depth"]) == ("held_out", "controller-causal-r8", 2)]
+    assert np.allclose(summary["seed_diffs"]["pruned"], seed_diffs)
+    assert np.allclose(summary["seed_diffs"]["static-r8"], [np.mean(result["runs"][0]["held_out"]["t+1"]["2"]) - static.mean()])
     seeds = [np.mean(result["runs"][i]["held_out"]["t+1"]["2"]) for i in (0, 1)]
     assert f"| {np.std(seeds, ddof=1):.3f} |" in row
     pruned, full = np.mean(ref["pruned"]), np.mean(ref["full"])
