@@ -135,8 +135,7 @@ def check(cfg: TrainConfig, resume: bool) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: trainable tensors and AdamW moments in one safetensors file, replaced atomically
-# (load_qwen.load_checkpoint reads them back)
+# checkpoints: trainable tensors and AdamW moments in one safetensors file, replaced atomically (read by load_qwen)
 
 def save_checkpoint(path, model, opt, step, cfg):
     """A failed write (a full disk) raises OSError and leaves the previous checkpoint as it was."""
