@@ -229,7 +229,8 @@ def summary(result, against=("pruned",)) -> list:
     """One row per (split, objective, model, depth): loss with its interval, the spread over seeds, and
     the paired difference to each of `against` scored on that objective (the pruned baseline where none
     is), at the same depth, with its interval: {"diffs": {name: [mean, low, high]}}, and the same
-    difference seed by seed where both have that seed: {"seed_diffs": {name: [...]}}."""
+    difference seed by seed where both have that seed (each seed against a reference): {"seed_diffs":
+    {name: {seed: difference}}}."""
     rows = []
     for s in SPLITS:
         for objective, ref in result["reference"][s].items():
@@ -256,7 +257,7 @@ def summary(result, against=("pruned",)) -> list:
                 # a reference row has no depth to pair a variant with
                 diffs = {b: bootstrap(w - windows(b, d)) for b in bases if b != name and (name not in ref or b in ref)}
                 theirs = {b: {seed: np.mean(ref[b]) for seed in mine} if b in ref else seeds_of(b, d) for b in diffs}
-                seed_diffs = {b: [m - theirs[b][seed] for seed, m in mine.items() if seed in theirs[b]] for b in diffs}
+                seed_diffs = {b: {seed: m - theirs[b][seed] for seed, m in mine.items() if seed in theirs[b]} for b in diffs}
                 rows.append({"split": s, "objective": objective, "model": name, "depth": d, "seeds": len(seeds),
                              "loss": loss, "low": low, "high": high,
                              "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None, "against": bases,
@@ -272,8 +273,8 @@ def markdown(result) -> str:
            "(t+1) unless the table says t+2. [95% CI]: percentile bootstrap over windows, a variant's seeds "
            "averaged per window: it reflects which windows were drawn, not how seeds vary (± is the standard "
            "deviation over seeds). Δ is the paired difference at the same depth (negative: lower loss), * where its "
-           "interval excludes 0; k/n seeds: in k of the n seeds both rows share (the same batches), the difference "
-           "has the same sign."]
+           "interval excludes 0; k/n seeds: in k of the n seeds both rows share (the same batches; against a "
+           "reference, each seed), the difference has the sign of Δ."]
     rows = result["summary"]
     for s in SPLITS:
         for objective in result["reference"][s]:
@@ -290,8 +291,9 @@ def markdown(result) -> str:
                         diffs.append("-")
                         continue
                     m, low, high = r["diffs"][b]
-                    per_seed = r["seed_diffs"][b]
-                    agree = f", {sum((x > 0) == (m > 0) for x in per_seed)}/{len(per_seed)} seeds" if len(per_seed) > 1 else ""
+                    per_seed = list(r["seed_diffs"][b].values())
+                    agree = sum(np.sign(x) == np.sign(m) for x in per_seed)
+                    agree = f", {agree}/{len(per_seed)} seeds" if len(per_seed) > 1 else ""
                     diffs.append(f"{m:+.3f} [{low:+.3f}, {high:+.3f}]" + (" *" if low > 0 or high < 0 else "") + agree)
                 gap = f"{r['gap']:.1f}%" if objective == "t+1" else "-"  # the full model was not trained for t+2
                 out.append(f"| {r['model']} | {r['depth'] or '-'} | {r['seeds'] or '-'} | {r['loss']:.3f} "

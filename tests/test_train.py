@@ -197,8 +197,8 @@ def test_eval_writes_table_json_and_plot(setup, tmp_path, capsys):
     seed_diffs = [np.mean(np.array(result["runs"][i]["held_out"]["t+1"]["2"]) - ref["pruned"]) for i in (0, 1)]
     assert f", {sum(x > 0 for x in seed_diffs) if diff > 0 else sum(x < 0 for x in seed_diffs)}/2 seeds |" in row
     (summary,) = [r for r in result["summary"] if (r["split"], r["model"], r["depth"]) == ("held_out", "controller-causal-r8", 2)]
-    assert np.allclose(summary["seed_diffs"]["pruned"], seed_diffs)
-    assert np.allclose(summary["seed_diffs"]["static-r8"], [np.mean(result["runs"][0]["held_out"]["t+1"]["2"]) - static.mean()])
+    assert np.allclose(list(summary["seed_diffs"]["pruned"].values()), seed_diffs)
+    assert np.allclose(summary["seed_diffs"]["static-r8"]["0"], np.mean(result["runs"][0]["held_out"]["t+1"]["2"]) - static.mean())
     seeds = [np.mean(result["runs"][i]["held_out"]["t+1"]["2"]) for i in (0, 1)]
     assert f"| {np.std(seeds, ddof=1):.3f} |" in row
     pruned, full = np.mean(ref["pruned"]), np.mean(ref["full"])
@@ -261,6 +261,29 @@ def test_windows_label_offset():
     assert x.tolist() == [list(range(30, 40))] and y.tolist() == [list(range(32, 42))]
     x, (y1, y2) = w.batch([3, 8], offsets=[1, 2])
     assert torch.equal(y1[:, :-1], x[:, 1:]) and torch.equal(y2[:, :-2], x[:, 2:]) and y2[1, -1] == 91
+
+
+def test_seed_by_seed_signs_in_the_table():
+    """Each paired difference is also taken seed by seed, over the seeds both rows have (a reference has
+    every seed); the table counts those that share the pooled difference's sign."""
+    def run(variant, seed, loss):
+        losses = {"t+1": {"1": [loss] * 4}}
+        return {"variant": variant, "seed": seed, "train": losses, "held_out": losses}
+    ref = {"t+1": {"full": [2.0] * 4, "pruned": [7.0] * 4}}
+    result = {"model": "m", "split": "1 + [1] + 1", "windows": 4, "seq_len": 8, "depths": [1],
+              "reference": {"train": ref, "held_out": ref},
+              "runs": [run("a", 0, 5.0), run("a", 1, 5.3), run("a", 2, 4.0),  # a's seed 2 has no partner in b
+                       run("b", 0, 5.1), run("b", 1, 5.2), run("c", 0, 9.0)]}
+    result["summary"] = evaluation.summary(result, against=["b", "pruned"])
+    a = [r for r in result["summary"] if (r["split"], r["model"]) == ("held_out", "a")][0]
+    assert a["diffs"]["b"][0] == pytest.approx((5.0 + 5.3 + 4.0) / 3 - 5.15)  # pooled: negative
+    assert a["seed_diffs"]["b"] == pytest.approx({0: -0.1, 1: 0.1})
+    assert a["seed_diffs"]["pruned"] == pytest.approx({0: -2.0, 1: -1.7, 2: -3.0})
+    rows = evaluation.markdown(result).split("held-out documents")[1].splitlines()
+    row = lambda name: [line for line in rows if line.startswith(f"| {name} |")][0]
+    assert "*, 1/2 seeds |" in row("a") and "*, 3/3 seeds |" in row("a")
+    assert "*, 2/2 seeds |" in row("b")
+    assert "seeds |" not in row("c")  # one shared seed with b, one run: nothing to count
 
 
 def test_bootstrap_interval_on_known_answers():
@@ -443,7 +466,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatc
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def disk_fills_after_step_2(file, mode="r", **kw):
-        full = file.endswith(".tmp") and 2 in saved
+        full = file.endswith("checkpoint.safetensors.tmp") and 2 in saved
         return FullDisk(file, mode) if full else open(file, mode, **kw)
     monkeypatch.setattr(train, "open", disk_fills_after_step_2, raising=False)  # train.py's own writes
     with pytest.raises(SystemExit, match=r"error: could not save .* at step 5 .*No space left.* holds step 2"):
