@@ -3,9 +3,10 @@ files and trained runs. No hub."""
 import functools
 import json
 import os
+import shutil
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from controller import TARGETS, svd_bases
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection
@@ -375,12 +376,17 @@ def convert_gguf(gguf_file: str, out_dir: str) -> str:
                             for t, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL])
 
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    os.replace(tmp, out_dir)
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        os.replace(tmp, out_dir)
+    except SafetensorError as e:  # how safetensors reports a failed write (a full disk): not an OSError
+        raise OSError(f"could not write {out_dir}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed write leaves nothing
     return out_dir
 
 

@@ -104,3 +104,17 @@ def test_bad_gguf_is_refused_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="not found"):
         convert_gguf(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+
+
+def test_a_failed_write_is_one_error_and_leaves_nothing(tmp_path):
+    """The weights cannot be written (here their file's name is taken by a folder; a full disk fails
+    the same way inside safetensors): an OSError naming the folder, no half-written folder left."""
+    hf = make_checkpoint(str(tmp_path / "hf"), arch="llama", heads=HEADS, kv_heads=KV, vocab=len(tokenizer_vocab()))
+    file = str(tmp_path / "tiny.gguf")
+    write_gguf(file, hf)
+    out = tmp_path / "converted"
+    os.makedirs(f"{out}.tmp{os.getpid()}/model.safetensors")
+    with pytest.raises(OSError, match=f"could not write {out}"):
+        convert_gguf(file, str(out))
+    assert sorted(os.listdir(tmp_path)) == ["hf", "tiny.gguf"]
+
