@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from load_qwen import cli, default_model, load_config, load_tokenizer
+from load_qwen import cli, default_model, load_config, load_tokenizer, write_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "cache")
@@ -231,9 +231,7 @@ def tokenize(files, folder, key, tokenizer, eos, fraction, text_field):
         raise
     manifest = {"key": key, "dtype": np.dtype(dtype).name,
                 **{s: {"documents": d, "tokens": t} for s, d, t in zip(SIDES, docs, tokens)}}
-    with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(os.path.join(folder, "manifest.json.tmp"), os.path.join(folder, "manifest.json"))
+    write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=1).encode())
     print(f"tokenised {sum(docs):,} documents ({docs[1]:,} held out), {sum(tokens):,} tokens in "
           f"{time.time() - t0:.0f}s into {folder}", file=sys.stderr)
     return manifest

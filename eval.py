@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data import ROOT, Windows, load_splits
-from load_qwen import cli, load_model, load_run, parse_depths, pick_device, precision, run_config
+from load_qwen import cli, load_model, load_run, parse_depths, pick_device, precision, run_config, write_atomic
 
 SPLITS = ("train", "held_out")
 TRAINING = ("rank", "alpha", "variant", "gate", "pool", "depths", "seq_len", "label_offset", "batch_size", "grad_accum",
@@ -57,9 +57,7 @@ def memo(file: str, key, compute):
     except (OSError, ValueError, KeyError, TypeError):
         pass
     value = compute()
-    with open(file + ".tmp", "w") as f:
-        json.dump({"key": key, "value": value}, f)
-    os.replace(file + ".tmp", file)
+    write_atomic(file, json.dumps({"key": key, "value": value}).encode())
     return value
 
 

@@ -57,6 +57,21 @@ def read_json(file: str, missing: str, fix: str) -> dict:
     return raw
 
 
+def write_atomic(file: str, data: bytes):
+    """Replace `file` with `data` all at once: a temporary file, synced to disk, then a rename. A failed
+    write (a full disk) raises OSError, removes the temporary file and leaves `file` as it was."""
+    tmp = file + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load_config(path: str) -> Qwen2Config:
     file = os.path.join(path, "config.json")
     raw = read_json(file, "point --model at an HF-format model folder", "restore it from the original model")

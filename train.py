@@ -27,7 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import save
 
 from data import CACHE, KINDS, ROOT, Windows, load_splits
-from load_qwen import cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, parse_depths, pick_device, precision, trainable
+from load_qwen import cli, default_model, describe, load_checkpoint, load_config, load_ouroboros, parse_depths, pick_device, precision, trainable, write_atomic
 from model import OuroborosConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -147,17 +147,8 @@ def save_checkpoint(path, model, opt, step, cfg):
     if bad:  # a finite update that overflowed: the non-finite guard in the loop cannot see it coming
         raise ValueError(f"{bad[0]} is not finite after step {step}: the run diverged; lower --lr (now {cfg.lr:g}). "
                          f"{path} was left as it was")
-    blob = save(tensors, metadata={"step": str(step), "config": json.dumps(asdict(cfg))})
-    tmp = path + ".tmp"
-    try:  # written here rather than by safetensors' save_file, whose disk-full error is not an OSError
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before it replaces the last good checkpoint
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # serialised here and written by write_atomic: safetensors' save_file reports a full disk as no OSError
+    write_atomic(path, save(tensors, metadata={"step": str(step), "config": json.dumps(asdict(cfg))}))
 
 
 @contextmanager
@@ -240,9 +231,7 @@ def train(cfg: TrainConfig, resume: bool = False):
     kept = lambda: f"{ckpt_path} holds step {saved}" if saved else f"no checkpoint in {cfg.out}"
     if master:
         os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-        os.replace(os.path.join(cfg.out, "config.json.tmp"), os.path.join(cfg.out, "config.json"))
+        write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(asdict(cfg), indent=2).encode())
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     per_step = cfg.batch_size * cfg.grad_accum * world  # sequences per optimiser step, all processes

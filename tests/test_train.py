@@ -468,7 +468,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatc
     def disk_fills_after_step_2(file, mode="r", **kw):
         full = file.endswith("checkpoint.safetensors.tmp") and 2 in saved
         return FullDisk(file, mode) if full else open(file, mode, **kw)
-    monkeypatch.setattr(train, "open", disk_fills_after_step_2, raising=False)  # train.py's own writes
+    monkeypatch.setattr(load_qwen, "open", disk_fills_after_step_2, raising=False)  # write_atomic's writes
     with pytest.raises(SystemExit, match=r"error: could not save .* at step 5 .*No space left.* holds step 2"):
         train.main(args(setup, str(out), "--steps", "5"))
     log = capsys.readouterr().out
