@@ -1,7 +1,7 @@
 """Benchmarks, one run, one table: every figure with the reference it is compared to, measured here.
 
     python bench.py            # CPU: reduced shapes; GPU rows are listed as skipped
-    python bench.py --quick    # fewer repeats, smaller corpora
+    python bench.py --quick    # one timed repeat
 
 Rows
  1. decoder forward, ours vs transformers' Qwen2ForCausalLM (SmolLM2-135M shape, batch 4 x 256)
@@ -12,36 +12,25 @@ Rows
  3. controller overhead: one recurrent step with controller + SVD-LoRA + step norm + gate vs the
     bare layer (forward + backward)
  4. torch.compile of the recurrent step, on vs off
- 5. peak resident memory of `python data.py` on a small and a large synthetic corpus: it must not grow with it
- 6. tokenisation speed of data.py (read, split, encode, write) vs `encode_batch` on the text in memory
- 7. decoding one token at 512 tokens of context, depth 8, batch 1: KV cache (model.KVCache) vs
+ 5-6. the data pipeline's memory and speed: bench_data.py
+ 7. decoding one token at 512 tokens of context, depth 8, batch 1: KV cache (kvcache.KVCache) vs
     recomputing the whole sequence; the cache's memory per token
  8. prefill of a 512-token prompt into the cache vs the plain forward of the same tokens
  9. eval.py's per-window losses at depths 1, 4, 8, 16: one pass (the loop once, the coda reading out
     each depth) vs a forward per depth (8 windows of 256 tokens)
 """
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
-import io
-import json
-import os
-import random
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 from controller import TARGETS
-from load_qwen import CheckpointError, default_model, load_tokenizer
+from eval import per_window
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -87,10 +76,11 @@ def step_memory(fn, device):
     return (torch.cuda.max_memory_allocated() - held) / 2**30
 
 
-def random_ouroboros(shape: dict, prelude, coda, rank, dtype, device, pool="causal"):
+def random_ouroboros(shape: dict, dtype, device, **split):
+    """Ouroboros on random weights of a model's shape: 8 + [the middle layer] + 8, rank 32, unless `split` says."""
     cfg = Qwen2Config(**shape, tie_word_embeddings=True)
     n = cfg.num_hidden_layers
-    oc = OuroborosConfig(prelude, n // 2, coda, rank, pool=pool)
+    oc = OuroborosConfig(**{"prelude": 8, "recurrent": n // 2, "coda": 8, "rank": 32, **split})
     pre, r, post, _ = oc.split(n)
     torch.manual_seed(0)
     with torch.device(device):
@@ -100,8 +90,8 @@ def random_ouroboros(shape: dict, prelude, coda, rank, dtype, device, pool="caus
                 nn.init.normal_(p, std=0.02)
         base = base.to(dtype)
         lin = {t: getattr(*projection(base.layers[str(r)], t)) for t in TARGETS}
-        bases = {t: (0.02 * torch.randn(rank, m.in_features, dtype=dtype), 0.02 * torch.randn(m.out_features, rank, dtype=dtype))
-                 for t, m in lin.items()}
+        bases = {t: (0.02 * torch.randn(oc.rank, m.in_features, dtype=dtype),
+                     0.02 * torch.randn(m.out_features, oc.rank, dtype=dtype)) for t, m in lin.items()}
     model = Ouroboros(base, oc, bases)
     with torch.no_grad():  # off the zero initialisation, so every term is really computed
         for p in model.parameters():
@@ -218,7 +208,8 @@ def row_forward(device, dtype, reps):
         t_ours, t_theirs = timed([lambda: ours(ids), lambda: theirs(ids).logits], device, reps)
     tok = ids.numel()
     return (f"1. decoder forward, SmolLM2-135M shape, 4x256, {dtype_name(dtype)}",
-            f"{tok / t_ours:,.0f} tok/s", f"{tok / t_theirs:,.0f} tok/s", t_theirs / t_ours, f"max|dlogits| {delta:.1e}")
+            f"{tok / t_ours:,.0f} tok/s", f"{tok / t_theirs:,.0f} tok/s", t_theirs / t_ours,
+            f"max|dlogits| {delta:.1e}")
 
 
 def train_step(model, ids, labels, depth, autocast, pool):
@@ -235,11 +226,12 @@ def train_step(model, ids, labels, depth, autocast, pool):
     return step
 
 
-def row_train(shape_name, shape, B, T, depth, device, dtype, reps, prelude=8, coda=8, peak=None):
+def row_train(shape_name, shape, device, dtype, reps, peak=None):
+    B, T, depth = (2, 256, 4) if device.type == "cpu" else (2, 2048, 8)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     ids = torch.randint(0, shape["vocab_size"], (B, T), device=device)
     labels = torch.randint(0, shape["vocab_size"], (B, T), device=device)
-    ours = random_ouroboros(shape, prelude, coda, 32, dtype, device, pool="mean")
+    ours = random_ouroboros(shape, dtype, device, pool="mean")
     theirs = TransformersLooped(ours)
     # Like for like: the reference computes the paper's whole-sequence mean pooling, so ours is timed
     # with it too, and the two losses are checked equal on the same weights. Our default, the causal
@@ -267,7 +259,7 @@ def row_train(shape_name, shape, B, T, depth, device, dtype, reps, prelude=8, co
 
 
 def row_overhead(device, dtype, reps):
-    model = random_ouroboros(SMOLLM2, 8, 8, 32, dtype, device)
+    model = random_ouroboros(SMOLLM2, dtype, device)
     B, T = 4, 256
     h = torch.randn(B, T, SMOLLM2["hidden_size"], device=device, dtype=dtype, requires_grad=True)
     cos, sin = model.base.rope(T, h)
@@ -287,7 +279,7 @@ def row_overhead(device, dtype, reps):
 
 def row_compile(device, dtype, reps):
     B, T, depth = (2, 256, 4) if device.type == "cpu" else (4, 2048, 8)
-    model = random_ouroboros(SMOLLM2, 8, 8, 32, dtype, device)
+    model = random_ouroboros(SMOLLM2, dtype, device)
     ids = torch.randint(0, 49152, (B, T), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
@@ -311,82 +303,8 @@ def row_compile(device, dtype, reps):
             f"first compiled step {compile_s:.0f}s")
 
 
-def synthetic_corpus(folder, tokens, tokenizer, seed=0, shards=8):
-    """About `tokens` tokens in .jsonl shards: the default corpus's paragraphs, shuffled and regrouped
-    into documents of 2-40 paragraphs, so the text has real token statistics at any size."""
-    paragraphs = [p for text, _ in data.documents(data.find_files([])) for p in text.split("\n\n") if p.strip()]
-    sample = "\n\n".join(paragraphs[:2000])
-    chars = tokens * len(sample) / len(tokenizer.encode(sample).ids)
-    rng = random.Random(seed)
-    os.makedirs(folder)
-    for shard in range(shards):
-        with open(os.path.join(folder, f"shard{shard:02d}.jsonl"), "w") as f:
-            written = 0
-            while written < chars / shards:
-                doc = "\n\n".join(rng.choices(paragraphs, k=rng.randint(2, 40)))
-                f.write(json.dumps({"text": doc}) + "\n")
-                written += len(doc)
-    return folder
-
-
-LAUNCH = """import os, sys
-pid = os.fork()
-if pid == 0:
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.dup2(null, 2)
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
-"""
-
-
-def peak_rss(cmd) -> int:
-    """Peak resident memory of a command in bytes. A child's count starts at its parent's resident
-    memory when forked (this process holds GBs after rows 1-3), so a small launcher forks it."""
-    code, rss = map(int, subprocess.run([sys.executable, "-c", LAUNCH, *cmd], capture_output=True, text=True,
-                                        check=True).stdout.split())
-    if code != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {code}")
-    return rss * (1 if sys.platform == "darwin" else 1024)  # Linux counts KiB
-
-
-def row_data_memory(model, tokenizer, sizes, tmp):
-    measured = []
-    for n in sizes:
-        corpus, cache = synthetic_corpus(os.path.join(tmp, f"corpus{n}"), n, tokenizer), os.path.join(tmp, "cache")
-        rss = peak_rss([sys.executable, os.path.join(data.ROOT, "data.py"), "--model", model, "--data", corpus,
-                        "--cache", cache])
-        _, m = data.token_cache([corpus], model, cache=cache)  # prepared: read back for the counts
-        measured.append((rss, sum(m[s]["tokens"] for s in data.SIDES)))
-        shutil.rmtree(corpus)
-        shutil.rmtree(cache)
-    (rss_small, small), (rss_big, big) = measured
-    return ("5. peak RSS of `python data.py`, synthetic .jsonl, SmolLM2 tokenizer",
-            f"{rss_big / 2**20:,.0f} MiB at {big / 1e6:.1f}M tokens", f"{rss_small / 2**20:,.0f} MiB at {small / 1e6:.1f}M tokens",
-            rss_small / rss_big, f"{big / small:.0f}x the tokens, {rss_big / rss_small:.2f}x the memory")
-
-
-def row_tokenise(model, tokenizer, tokens, tmp, reps):
-    corpus = synthetic_corpus(os.path.join(tmp, "corpus_speed"), tokens, tokenizer, seed=1)
-    texts = [t for t, _ in data.documents(data.find_files([corpus]))]
-    cache = os.path.join(tmp, "cache_speed")
-
-    def ours():
-        shutil.rmtree(cache, ignore_errors=True)
-        with contextlib.redirect_stderr(io.StringIO()):
-            data.token_cache([corpus], model, cache=cache)
-
-    t_ours, t_theirs = timed([ours, lambda: tokenizer.encode_batch(texts, add_special_tokens=False)], torch.device("cpu"), reps)
-    _, m = data.token_cache([corpus], model, cache=cache)
-    n = sum(m[s]["tokens"] for s in data.SIDES)
-    return ("6. tokenisation, data.py (read, split, encode, write) vs `encode_batch` on the text in memory",
-            f"{n / t_ours:,.0f} tok/s", f"{n / t_theirs:,.0f} tok/s", t_theirs / t_ours,
-            f"{n / 1e6:.1f}M tokens, SmolLM2 tokenizer, {os.cpu_count()} cores; the limit is 1.00x")
-
-
 def rows_decode(device, dtype, reps, context=512, depth=8):
-    model = random_ouroboros(SMOLLM2, 8, 8, 32, dtype, device).eval()
+    model = random_ouroboros(SMOLLM2, dtype, device).eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     ids = torch.randint(0, SMOLLM2["vocab_size"], (1, context + 1), device=device)
     cache = model.new_cache(1, context + 1, depth)
@@ -414,15 +332,17 @@ def rows_decode(device, dtype, reps, context=512, depth=8):
 
 
 def row_readout(device, dtype, reps, depths=(1, 4, 8, 16), batch=8, T=256):
-    model = random_ouroboros(SMOLLM2, 8, 8, 32, dtype, device).eval()
+    model = random_ouroboros(SMOLLM2, dtype, device).eval()
     ids, labels = (torch.randint(0, SMOLLM2["vocab_size"], (batch, T), device=device) for _ in range(2))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     with torch.no_grad(), autocast:
-        one = lambda: model.readout(ids, list(depths), [labels])
-        each = lambda: [model(ids, depth=d, labels=[labels]) for d in depths]
+        losses = lambda h: per_window(lambda b, y: model.base.head(h[b:b + 1], y), batch, [labels])  # as eval.py
+        one = lambda: [losses(h) for h in model.readout(ids, list(depths)).values()]
+        each = lambda: [losses(model.readout(ids, [d])[d]) for d in depths]
         delta = max((a - b).abs().max().item() for a, b in zip(one(), each()))
         t_one, t_each = timed([one, each], device, reps)
-    return (f"9. eval losses at depths {', '.join(map(str, depths))}, SmolLM2 shape, {batch} x {T}, {dtype_name(dtype)}",
+    shown = ", ".join(map(str, depths))
+    return (f"9. eval losses at depths {shown}, SmolLM2 shape, {batch} x {T}, {dtype_name(dtype)}",
             f"{batch / t_one:.2f} windows/s one pass", f"{batch / t_each:.2f} windows/s a forward per depth",
             t_each / t_one, f"max|dloss| {delta:.1e}")
 
@@ -435,7 +355,6 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one timed repeat instead of three")
     p.add_argument("--skip-compile", action="store_true")
-    p.add_argument("--skip-data", action="store_true", help="no data.py rows (the full ones tokenise ~110M tokens)")
     a = p.parse_args()
     reps = 1 if a.quick else 3
     cpu, rows, skipped = torch.device("cpu"), [], []
@@ -451,9 +370,9 @@ def main():
             rows.append(row_forward(gpu, torch.bfloat16, reps))
             torch.backends.cuda.matmul.allow_tf32 = True
             for name, shape in (("Qwen2.5-0.5B shape", QWEN05), ("Qwen2.5-3B shape", QWEN3B)):
-                rows.append(row_train(name, shape, 2, 2048, 8, gpu, torch.bfloat16, reps, peak=H100_BF16_PEAK))
+                rows.append(row_train(name, shape, gpu, torch.bfloat16, reps, peak=H100_BF16_PEAK))
         else:
-            rows.append(row_train("SmolLM2 shape", SMOLLM2, 2, 256, 4, cpu, torch.float32, reps))
+            rows.append(row_train("SmolLM2 shape", SMOLLM2, cpu, torch.float32, reps))
             skipped.append("row 2 at Qwen2.5-0.5B / 3B shapes, 2x2048, depth 8, bf16: needs a CUDA GPU")
     rows.append(row_overhead(cpu, torch.float32, reps))
     if gpu:
@@ -464,18 +383,6 @@ def main():
         skipped.append("row 4: --skip-compile")
     if not gpu:
         skipped.append("bf16 rows and MFU against the H100 peak: no CUDA GPU here")
-    if a.skip_data:
-        skipped.append("rows 5-6: --skip-data")
-    else:
-        try:
-            model = default_model(data.CACHE)
-        except CheckpointError as e:
-            skipped.append(f"rows 5-6: {e}")
-        else:
-            tokenizer = load_tokenizer(model)
-            with tempfile.TemporaryDirectory() as tmp:  # corpora of up to ~400 MB, removed after
-                rows.append(row_data_memory(model, tokenizer, (1e6, 4e6) if a.quick else (1e7, 1e8), tmp))
-                rows.append(row_tokenise(model, tokenizer, 5e5 if a.quick else 2e6, tmp, reps))
     rows += rows_decode(cpu, torch.float32, reps)
     if gpu:
         rows += rows_decode(gpu, torch.bfloat16, reps)

@@ -6,7 +6,7 @@
     python generate.py --run runs/controller-causal-s0 --prompt "..." --exit latent-diff 0.05
     python generate.py --run runs/controller-causal-s0 --pruned --prompt "..."
 
-Decoding is cached (model.KVCache): the prompt in one pass, then one token at a time, computing the
+Decoding is cached (kvcache.KVCache): the prompt in one pass, then one token at a time, computing the
 same logits as the full forward (tests/test_decode.py). --no-cache recomputes the whole sequence for
 every token. --exit lets each token stop looping once the criterion falls below the threshold.
 """
@@ -17,10 +17,9 @@ import time
 
 import torch
 
-from data import CACHE
-from load_qwen import (cli, default_model, load_config, load_model, load_run, load_tokenizer, pick_device, precision,
-                       run_config)
-from model import EXITS, OuroborosConfig
+from load_qwen import default_model, load_config, load_model, load_tokenizer
+from model import EXITS
+from run import SETTINGS, add_flags, cli, load_run, placement, read_settings
 
 
 def pick_token(logits, temperature: float, top_k: int, top_p: float, generator):
@@ -83,8 +82,9 @@ def check(a):
     problems = []
     if a.run is not None and a.model is not None:
         problems.append("--model and --run: a run names its own model (in its config.json); give one")
-    if a.depth is not None and not 1 <= a.depth <= OuroborosConfig.max_steps:
-        problems.append(f"--depth {a.depth} must be in 1..{OuroborosConfig.max_steps} (max_steps)")
+    most = SETTINGS["max_steps"].default
+    if a.depth is not None and not 1 <= a.depth <= most:
+        problems.append(f"--depth {a.depth} must be in 1..{most} (max_steps)")
     if a.run is None and (a.pruned or a.depth is not None or a.exit):
         problems.append("--pruned, --depth and --exit need --run (a trained Ouroboros run)")
     if a.pruned and (a.depth is not None or a.exit):
@@ -102,10 +102,9 @@ def check(a):
     if a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
         problems.append("--max-new-tokens must be >= 1, --temperature and --top-k >= 0, --top-p in (0, 1]")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise ValueError("; ".join(problems))
 
 
-@cli
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF-format Qwen2/Llama folder (default: SmolLM2-135M, offline)")
@@ -121,15 +120,12 @@ def main(argv=None):
     p.add_argument("--exit", nargs=2, metavar=("CRITERION", "THRESHOLD"),
                    help=f"adaptive depth per token: {', '.join(EXITS)} and a threshold, e.g. latent-diff 0.05")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16: bf16 base + autocast (auto: on GPUs, fp32 on the CPU)")
+    add_flags(p, ("device", "precision"))
     p.add_argument("--json", action="store_true", help="print token ids and per-token depth as JSON")
     a = p.parse_args(argv)
     check(a)
-    device = pick_device(a.device)
-    dtype, autocast = precision(device, a.precision)
-    model_dir = run_config(a.run)["model"] if a.run is not None else a.model or default_model(CACHE)
+    device, dtype, autocast = placement(a.device, a.precision)
+    model_dir = read_settings(a.run).model if a.run is not None else a.model or default_model()
     config = load_config(model_dir)  # the small files first: a bad one is named before the weights load
     tok = load_tokenizer(model_dir, config=config)
     if a.run is None:
@@ -161,4 +157,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main, sys.argv[1:])

@@ -1,11 +1,11 @@
 """A Qwen2 / Llama decoder written by hand, and the Ouroboros recursive model built from it.
 
-Part 1 is the pretrained decoder: it computes the same function as transformers' Qwen2ForCausalLM
-and LlamaForCausalLM (tests/test_parity.py proves it), and the KV cache it decodes with. Part 2
-prunes it to prelude + one recurrent layer + coda and loops the recurrent layer under a controller
-(arXiv 2604.02051); it decodes through the same cache, with an optional exit per token.
+Part 1, the pretrained decoder, computes the same function as transformers' Qwen2ForCausalLM and
+LlamaForCausalLM (tests/test_parity.py). Part 2 prunes it to prelude + one recurrent layer + coda and
+loops the recurrent layer under a controller (arXiv 2604.02051). Both decode through a KVCache, Part 2
+with an optional exit per token.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from controller import Controller, Gate, StaticDiagonals, StepNorm, SVDLoRA
+from kvcache import KVCache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def apply_rope(x, cos, sin):
 
 
 def projection(layer, target: str):
-    """(parent module, attribute name) of a decoder layer's projection: q k v o in attention, gate up down in the MLP."""
+    """(parent module, attribute name) of a layer's projection: q k v o in attention, gate up down in the MLP."""
     return (layer.self_attn if target in ("q", "k", "v", "o") else layer.mlp), f"{target}_proj"
 
 
@@ -97,9 +98,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # decoding: this chunk's K/V go into the slot; attend over the whole prefix
             k, v = cache.update(slot, k, v)
-        # Causal mask requested explicitly (never left to a backend default); is_causal keeps the
-        # fused flash / memory-efficient kernels available, and enable_gqa avoids copying K/V per head.
-        # A chunk after a cached prefix (S > T) needs the mask shifted by the prefix; one token needs none.
+        # The causal mask is asked for, never left to a backend default: is_causal keeps the fused kernels,
+        # a chunk after a cached prefix (S > T) gets the mask shifted by it, and one token needs none.
         S = k.shape[2]
         mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S > 1,
@@ -135,8 +135,8 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The pretrained decoder. `layers` picks which layers exist (default: all); the module names
-    keep the checkpoint's layer indices, so a subset loads straight from the HF names."""
+    """The pretrained decoder. `layers` picks which layers exist (default: all), named by their index
+    in the checkpoint, so a subset loads straight from the HF names."""
 
     def __init__(self, cfg: Qwen2Config, layers=None):
         super().__init__()
@@ -168,70 +168,18 @@ class Transformer(nn.Module):
         return self.head(x, labels)
 
     def new_cache(self, batch: int, max_len: int):
-        w = self.embed_tokens.weight
-        return KVCache(self.config, len(self.layers), batch, max_len, w.dtype, w.device)
+        return KVCache(self.config, len(self.layers), batch, max_len, self.embed_tokens.weight)
 
     def head(self, x, labels=None):
-        """Logits; with labels [B, T] their mean loss (training); with a list of label tensors (one per
-        objective: next token, t+2, ...) the loss of every window, [objectives, B] (eval.py's intervals)."""
+        """Final norm, then logits; with labels [B, T] (aligned with the inputs) their mean loss instead."""
         x = self.norm(x)
-        if labels is None:
-            return self.lm_head(x)
-        if isinstance(labels, torch.Tensor):
-            return lm_loss(x, self.lm_head.weight, labels)
-        return torch.stack([torch.stack([lm_loss(x[b:b + 1], self.lm_head.weight, y[b:b + 1]) for b in range(len(x))])
-                            for y in labels])
-
-
-class KVCache:
-    """The decoding state, preallocated once (gpt-fast style): keys and values of every attention
-    slot at every position, written at the positions being decoded; `pos` positions are done.
-
-    The full model has one slot per layer. Ouroboros has one per prelude layer, one per recurrent
-    step (each step attends to its own K/V, as in Huginn) and one per coda layer, and it carries the
-    controller's causal prefix mean as a running sum per step (`sums`, fp32)."""
-
-    def __init__(self, cfg: Qwen2Config, slots: int, batch: int, max_len: int, dtype, device, steps: int = 0):
-        shape = (slots, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.sums = [torch.zeros(batch, cfg.hidden_size, device=device) for _ in range(steps)]
-        self.pos = 0
-
-    def update(self, slot: int, k, v):
-        """Write a chunk's K/V [B, n_kv, T, hd] at pos..pos+T-1; return the slot's K/V for 0..pos+T-1."""
-        end = self.pos + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"{end} positions do not fit a cache of {self.k.shape[3]}: make it longer")
-        self.k[slot, :, :, self.pos:end] = k
-        self.v[slot, :, :, self.pos:end] = v
-        return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
-
-    def carry(self, slot: int, stopped):
-        """Tokens that stopped (stopped [B, T]) keep the K/V of their last computed step in `slot`."""
-        end, m = self.pos + stopped.shape[1], stopped[:, None, :, None]
-        for kv in (self.k, self.v):
-            kv[slot, :, :, self.pos:end] = torch.where(m, kv[slot - 1, :, :, self.pos:end], kv[slot, :, :, self.pos:end])
-
-    def running_sum(self, step: int, h):
-        """(sum of step `step`'s input state over the positions before this chunk [B, d], their count);
-        the chunk's states are added for the next call."""
-        before = self.sums[step]
-        self.sums[step] = before + h.float().sum(1)
-        return before, self.pos
-
-    def bytes_per_token(self) -> int:
-        return 2 * self.k[:, 0, :, 0].numel() * self.k.element_size()
+        return self.lm_head(x) if labels is None else lm_loss(x, self.lm_head.weight, labels)
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
-    """Mean cross-entropy of (h @ W^T) against labels, a chunk of tokens at a time.
-
-    The [tokens, vocab] logits are never held: W is frozen, so the only gradient needed is the one
-    for h, and it is computed chunk by chunk in the forward pass ((softmax - onehot) W / n).
-    This buys memory: 2 x 2048 tokens x 151,936 vocab would be 2.5 GB of fp32 logits, plus their grad;
-    and time: 430 ms vs 540 ms for F.cross_entropy on full logits (512 tokens x 49,152, 2-core CPU).
-    """
+    """Mean cross-entropy of (h @ W^T) against labels, a chunk of tokens at a time. The [tokens, vocab]
+    logits are never held (2.5 GB in fp32 at 2 x 2048 x 151,936, plus their gradient): W is frozen, so
+    the gradient for h, (softmax - onehot) W / n, is computed chunk by chunk in the forward pass."""
 
     @staticmethod
     def forward(ctx, h, weight, labels, chunk):
@@ -271,18 +219,27 @@ def lm_loss(h, weight, labels, chunk: int = 1024):
 # ----------------------------------------------------------------------------------------------
 # Part 2: Ouroboros, the recursive model
 
+def setting(default, help: str, scope="variant", **valid):
+    """A configuration field declared once: default, --help, valid range (low, high inclusive; gt, lt
+    exclusive; choices) and scope: "table" (all runs of one table share it), "variant" (a variant's seeds
+    share it), "seed", or None (free). run.py makes a flag of each and checks it."""
+    return field(default=default, metadata=dict(help=help, scope=scope, **valid))
+
+
 @dataclass
 class OuroborosConfig:
-    prelude: int          # how many first layers to keep
-    recurrent: int        # index of the layer that is looped
-    coda: int             # how many last layers to keep
-    rank: int = 32        # r of the SVD-LoRA bases
-    alpha: float = 16.0
-    variant: str = "controller"  # "controller" | "static" (diagonal table) | "none" (no LoRA)
-    gate: bool = True     # False: the step's output replaces the state
-    pool: str = "causal"  # controller pooling: "causal" prefix mean | "mean" (paper, leaks the future)
-    style: int = 128      # controller width s
-    max_steps: int = 64
+    prelude: int = setting(8, "layers kept at the start (the prelude)", "table", low=0)
+    recurrent: int = setting(15, "index of the layer that is looped (the recurrent block)", "table", low=0)
+    coda: int = setting(8, "layers kept at the end (the coda)", "table", low=0)
+    rank: int = setting(32, "r, the rank of the SVD-LoRA bases A, B", low=1)
+    alpha: float = setting(16.0, "the LoRA term's scale is alpha / r", gt=0)
+    variant: str = setting("controller", "controller (per input); static (a learned table of diagonals per "
+                           "step); none (no LoRA: gate and step norms only)", choices=("controller", "static", "none"))
+    gate: bool = setting(True, "mix each step into the state through the gate (--no-gate: h = h_new)")
+    pool: str = setting("causal", "what the controller reads: causal (the prefix mean) or mean (the paper's "
+                        "whole-sequence mean, which sees the future)", choices=("causal", "mean"))
+    style: int = setting(128, "the controller's width s", low=1)
+    max_steps: int = setting(64, "most recurrent steps (one step embedding, one norm row each)", low=1, high=4096)
 
     def split(self, n_layers: int):
         """(prelude, recurrent, coda, removed) layer indices for a model of n_layers; bad splits raise."""
@@ -308,27 +265,19 @@ class Ouroboros(nn.Module):
 
     def __init__(self, base: Transformer, oc: OuroborosConfig, bases: dict | None = None):
         super().__init__()
-        cfg = base.config
-        self.config = oc
-        self.prelude_ids, r, self.coda_ids, self.removed_ids = oc.split(cfg.num_hidden_layers)
-        self.base = base.requires_grad_(False)
+        self.config, self.base = oc, base.requires_grad_(False)
+        self.prelude_ids, r, self.coda_ids, self.removed_ids = oc.split(base.config.num_hidden_layers)
         self.recurrent_id, self.recurrent = r, base.layers[str(r)]
-        device = base.embed_tokens.weight.device
         if oc.variant != "none":
             if bases is None:
                 raise ValueError(f"variant {oc.variant!r} needs the SVD bases {{target: (A, B)}}")
             for t, (A, B) in bases.items():  # wrap the frozen projections in place
                 parent, name = projection(self.recurrent, t)
                 setattr(parent, name, SVDLoRA(getattr(parent, name), A, B, oc.alpha))
-        # Trainable modules are fp32 whatever the base dtype (bf16 AdamW updates round away).
-        d = cfg.hidden_size
-        with torch.device(device):
-            if oc.variant == "controller":
-                self.diagonals = Controller(d, oc.rank, oc.style, oc.max_steps, oc.pool)
-            elif oc.variant == "static":
-                self.diagonals = StaticDiagonals(oc.rank, oc.max_steps)
-            else:
-                self.diagonals = None
+        d = base.config.hidden_size
+        with torch.device(base.embed_tokens.weight.device):  # fp32 whatever the base: bf16 AdamW updates round away
+            self.diagonals = (Controller(d, oc.rank, oc.style, oc.max_steps, oc.pool) if oc.variant == "controller"
+                              else StaticDiagonals(oc.rank, oc.max_steps) if oc.variant == "static" else None)
             self.step_norm = StepNorm(d, oc.max_steps)
             self.gate = Gate(d) if oc.gate else None
         self.checkpoint_steps = False  # recompute each step in backward: memory O(1) in depth
@@ -339,47 +288,43 @@ class Ouroboros(nn.Module):
     def step(self, h, k: int, cos, sin, cache=None):
         """Recurrent step k: h_old -> h. With a cache, attention uses step k's slot and the controller
         pools over the running sum of the positions before this chunk."""
-        if self.diagonals is None:
-            diag = None
-        else:
-            diag = self.diagonals(h, k, None if cache is None else cache.running_sum(k, h))
+        prefix = None if cache is None else cache.running_sum(k, h)
+        diag = None if self.diagonals is None else self.diagonals(h, k, prefix)
         h_new = self.recurrent(h, cos, sin, diag, cache, len(self.prelude_ids) + k)
         h_new = self.step_norm(h_new, k)
         return self.gate(h_new, h) if self.gate is not None else h_new
 
     def forward(self, input_ids, depth: int, labels=None):
         """Logits [B, T, V], or the mean loss when labels (aligned with input_ids) are given."""
-        self.check_depth(depth)
-        x, cos, sin = self.embed_prelude(input_ids)
-        for k in range(depth):
-            if self.checkpoint_steps and torch.is_grad_enabled():
-                x = checkpoint(self.step, x, k, cos, sin, use_reentrant=False)
-            else:
-                x = self.step(x, k, cos, sin)
-        return self.coda_head(x, cos, sin, labels)
+        return self.base.head(self.readout(input_ids, [depth])[depth], labels)
 
-    @torch.no_grad()
-    def readout(self, input_ids, depths, labels=None) -> list:
-        """[forward(input_ids, d, labels) for d in depths] in one pass: the loop runs once to the largest
-        depth, and the coda and head read the state out after each requested step."""
+    def readout(self, input_ids, depths) -> dict:
+        """{depth: the coda's output after that many steps} for every depth, in one pass: the loop runs
+        once to the largest depth and the coda reads the state out after each requested step.
+        `self.base.head(h, labels)` turns one into logits or a loss."""
         for d in depths:
             self.check_depth(d)
         x, cos, sin = self.embed_prelude(input_ids)
         out = {}
         for k in range(max(depths)):
-            x = self.step(x, k, cos, sin)
+            if self.checkpoint_steps and torch.is_grad_enabled():
+                x = checkpoint(self.step, x, k, cos, sin, use_reentrant=False)
+            else:
+                x = self.step(x, k, cos, sin)
             if k + 1 in depths:
-                out[k + 1] = self.coda_head(x, cos, sin, labels)
-        return [out[d] for d in depths]
+                out[k + 1] = self.coda(x, cos, sin)
+        return out
+
+    def trainable(self) -> dict:
+        """{name: tensor} of what trains: the controller (or static table), the gate and the step norms."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def check_depth(self, depth: int):
         if not 1 <= depth <= self.config.max_steps:
-            raise ValueError(f"depth {depth} must be in 1..{self.config.max_steps} (max_steps: one step "
-                             "embedding and one norm row per step)")
+            raise ValueError(f"depth {depth} must be in 1..{self.config.max_steps} (max_steps)")
 
     def pruned(self, input_ids, labels=None, cache=None):
-        """The baseline: prelude -> recurrent layer once, unmodulated -> coda. Nothing trained.
-        Decodes with a cache from new_cache(..., depth=1)."""
+        """The baseline: prelude -> the recurrent layer once, unmodulated -> coda (a cache of depth 1)."""
         x, cos, sin = self.embed_prelude(input_ids, cache)
         x = self.recurrent(x, cos, sin, cache=cache, slot=len(self.prelude_ids))
         return self.coda_head(x, cos, sin, labels, cache)
@@ -387,28 +332,24 @@ class Ouroboros(nn.Module):
     def new_cache(self, batch: int, max_len: int, depth: int) -> KVCache:
         """The decoding state for `depth` recurrent steps (the most any token will run)."""
         self.check_depth(depth)
-        cfg, w = self.base.config, self.base.embed_tokens.weight
         slots = len(self.prelude_ids) + depth + len(self.coda_ids)
-        return KVCache(cfg, slots, batch, max_len, w.dtype, w.device, steps=depth)
+        return KVCache(self.base.config, slots, batch, max_len, self.base.embed_tokens.weight, steps=depth)
 
     def decode(self, input_ids, cache: KVCache, exit=None):
-        """Cached decoding of input_ids [B, T], which follow the cache's positions (the whole prompt
-        first, then a token at a time). Returns logits [B, T, V] and the recurrent steps each token ran.
+        """Cached decoding of input_ids [B, T], which follow the cache's positions (the prompt, then a
+        token at a time) -> (logits [B, T, V], the recurrent steps each token ran).
 
-        exit = (criterion, threshold), one of EXITS: after each step a token whose criterion falls
-        below the threshold stops; the others run on, up to the cache's depth. A token that stopped
-        after step e keeps h_e (while other rows of the batch run on, later steps compute it too and
-        discard the result), and for every later step k it counts as if its state had stayed h_e: its
-        K/V in step k's slot are those of its last computed step (as Huginn and Ouro fill them), and it
-        adds h_e to step k's running sum of the controller. With an exit, a chunk of several tokens is
-        decoded one token at a time."""
+        exit = (criterion in EXITS, threshold): a token stops after the first step whose criterion falls
+        below the threshold. For every later step k it counts as if its state had stayed h_e: step k's
+        slot gets the K/V of its last computed step (as Huginn and Ouro fill them), and h_e enters step
+        k's running sum. In a batch its later steps are computed and discarded while other rows run on;
+        with an exit, a chunk of several tokens is decoded one token at a time."""
         if isinstance(self.diagonals, Controller) and self.diagonals.pool == "mean":
             raise ValueError("this run's controller pools over the whole sequence (pool='mean'): every new token "
                              "would change the diagonals of all tokens before it (the pooling sees the future), "
                              "so it cannot decode with a cache; use --no-cache")
-        if exit is not None and input_ids.shape[1] > 1:
-            # One token at a time: within a chunk, a stopped token's K/V are put back (carry) only after
-            # the step, so later tokens of the chunk would attend to K/V it never computed.
+        if exit is not None and input_ids.shape[1] > 1:  # a stopped token's K/V are carried only after the
+            # step, so later tokens of the same chunk would attend to K/V it never computed
             out = [self.decode(input_ids[:, t:t + 1], cache, exit) for t in range(input_ids.shape[1])]
             return torch.cat([o[0] for o in out], 1), torch.cat([o[1] for o in out], 1)
         depth, P = len(cache.sums), len(self.prelude_ids)
@@ -437,13 +378,16 @@ class Ouroboros(nn.Module):
             x = self.layer(i)(x, cos, sin, cache=cache, slot=slot)
         return x, cos, sin
 
-    def coda_head(self, x, cos, sin, labels, cache=None):
+    def coda(self, x, cos, sin, cache=None):
         first = 0 if cache is None else len(cache.k) - len(self.coda_ids)  # the coda's slots come last
         for j, i in enumerate(self.coda_ids):
             x = self.layer(i)(x, cos, sin, cache=cache, slot=first + j)
         if cache is not None:
             cache.pos += x.shape[1]
-        return self.base.head(x, labels)
+        return x
+
+    def coda_head(self, x, cos, sin, labels, cache=None):
+        return self.base.head(self.coda(x, cos, sin, cache), labels)
 
 
 def latent_diff(h_old, h):

@@ -9,16 +9,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def make_checkpoint(path, arch="qwen2", layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=128,
-                    tied=False, max_shard_size=None, disk_dtype=torch.float32, seed=0, **extra):
-    """Save a random model with transformers' save_pretrained; return the HF model (fp32, eager).
+TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=128, tied=False)  # make_checkpoint's shape
+
+
+def make_checkpoint(path, arch="qwen2", max_shard_size=None, disk_dtype=torch.float32, seed=0, **kw):
+    """Save a random model with transformers' save_pretrained; return the HF model (fp32, eager). kw:
+    the shape (TINY's keys) and any other config field.
 
     Every weight is random: biases non-zero, norm weights away from 1, so no term can hide."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     Config, Model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
-    cfg = Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                 num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
-                 rope_theta=10000.0, rms_norm_eps=1e-6, **extra)
+    s = {**TINY, **{k: kw.pop(k) for k in list(kw) if k in TINY}}
+    cfg = Config(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                 tie_word_embeddings=s["tied"], rope_theta=10000.0, rms_norm_eps=1e-6, **kw)
     cfg._attn_implementation = "eager"  # the oracle: transformers' plain-matmul attention and mask
     torch.manual_seed(seed)
     model = Model(cfg).eval()
@@ -31,6 +35,21 @@ def make_checkpoint(path, arch="qwen2", layers=4, hidden=64, heads=4, kv_heads=2
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     copy.deepcopy(model).to(disk_dtype).save_pretrained(path, **kw)
     return model
+
+
+def ouroboros(path, dtype=torch.float32, **oc):
+    """The Ouroboros model of a folder, with the OuroborosConfig of `oc` (prelude, recurrent, coda, rank, ...)."""
+    from load_qwen import load_ouroboros
+    from model import OuroborosConfig
+    return load_ouroboros(path, OuroborosConfig(**oc), dtype)
+
+
+def splits(sources, model, held_out=0.05, text_field="text", cache=None):
+    """data.load_splits of these sources and model folder."""
+    import data
+    from run import settings
+    cfg = settings({"model": model, "data": list(sources), "held_out": held_out, "text_field": text_field})
+    return data.load_splits(cfg, cache=cache)
 
 
 def randomise_trainable(model, seed=0, scale=0.3):
@@ -51,7 +70,7 @@ def tiny_qwen(tmp_path):
 
 def byte_tokens():
     """GPT-2's byte -> printable character table: the 256 base tokens of a byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [b for lo, hi in (("!", "~"), ("¡", "¬"), ("®", "ÿ")) for b in range(ord(lo), ord(hi) + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -99,3 +118,27 @@ def make_corpus(path, n_docs=30, seed=0):
         with open(os.path.join(path, f"doc{i:03d}.txt"), "w") as f:
             f.write(f"DOC{i:03d}X {body}\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(a tiny model folder, a corpus, a token cache folder), for the training and evaluation tests."""
+    tmp = tmp_path_factory.mktemp("train")
+    model = make_model_folder(str(tmp / "model"))
+    corpus = make_corpus(str(tmp / "corpus"))
+    return model, corpus, str(tmp / "cache")
+
+
+def train_args(setup, out, *extra):
+    """train.py's flags for a tiny run of `setup` (model, corpus, token cache) into `out`."""
+    model, corpus, _ = setup
+    return ["--model", model, "--data", corpus, "--out", out, "--prelude", "1", "--recurrent", "2", "--coda", "1",
+            "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--eval-interval", "2", "--save-interval", "2",
+            "--eval-windows", "4", "--log-interval", "1", "--depths", "1,2,3", "--no-final-eval", "--rank", "8",
+            *extra]
+
+
+def logged_losses(text):
+    """The losses train.py logged, in order."""
+    return [float(line.split("  loss ")[1].split()[0]) for line in text.splitlines()
+            if line.startswith("step") and "  loss " in line]

@@ -11,7 +11,7 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 
 def test_transformers_layer_reference_matches_ours_with_mean_pooling():
-    ours = random_ouroboros(TINY, 2, 2, 4, torch.float32, torch.device("cpu"), pool="mean")
+    ours = random_ouroboros(TINY, torch.float32, torch.device("cpu"), prelude=2, coda=2, rank=4, pool="mean")
     theirs = TransformersLooped(ours)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -26,7 +26,7 @@ def test_transformers_layer_reference_matches_ours_with_mean_pooling():
 @pytest.mark.parametrize("pool", ["causal", "mean"])
 def test_flop_count_matches_torch_flop_counter(pool):
     """The MFU bench.py reports rests on train_flops; torch counts every matmul actually run."""
-    ours = random_ouroboros(TINY, 2, 1, 4, torch.float32, torch.device("cpu"), pool=pool)
+    ours = random_ouroboros(TINY, torch.float32, torch.device("cpu"), prelude=2, coda=1, rank=4, pool=pool)
     B, T, depth = 2, 12, 3
     ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
     counter = FlopCounterMode(display=False)

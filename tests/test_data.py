@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import data
-from conftest import WORDS, make_corpus, make_model_folder
+from conftest import WORDS, make_corpus, make_model_folder, splits
+from run import settings
 from load_qwen import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,8 @@ def in_memory_splits(docs, tokenizer, fraction, eos=EOS):
 def decoded(tokenizer, stream):
     """The documents of a token stream: EOS after every one."""
     assert stream[-1] == EOS
-    return [tokenizer.decode(d[:-1].tolist()) for d in np.split(np.asarray(stream), np.flatnonzero(stream == EOS) + 1)[:-1]]
+    docs = np.split(np.asarray(stream), np.flatnonzero(stream == EOS) + 1)[:-1]
+    return [tokenizer.decode(d[:-1].tolist()) for d in docs]
 
 
 def only_folder(cache):
@@ -90,18 +92,32 @@ def test_windows_give_next_token_labels():
     x, y = w.batch([0, 3])
     assert torch.equal(x[0], torch.arange(10)) and torch.equal(y[0], torch.arange(1, 11))
     assert torch.equal(x[1], torch.arange(30, 40)) and torch.equal(y[1], torch.arange(31, 41))
-    assert sorted(w.order(0, 0)) == list(range(9)) and w.order(0, 0) == w.order(0, 0) != w.order(0, 1)
+
+
+def test_draw_is_a_function_of_seed_step_and_micro_step():
+    """The training order: every window once per epoch, another permutation the next epoch, the same
+    batches and depths whatever was drawn before (so --resume is exact), processes splitting each batch."""
+    w = data.Windows(np.arange(1000, dtype=np.uint32), seq_len=10)  # 99 windows, 9 per optimiser step
+    cfg = settings({"batch_size": 3, "grad_accum": 3, "depths": "1,2,3"})
+    draws = {(step, micro): w.draw(cfg, step, micro) for step in range(11) for micro in range(3)}
+    assert sorted(i for idx, _ in draws.values() for i in idx) == list(range(99))
+    assert {depth for _, depth in draws.values()} == {1, 2, 3}
+    assert data.Windows(w.tokens, 10).draw(cfg, 5, 1) == draws[5, 1]  # nothing carried from earlier draws
+    assert w.draw(cfg, 11, 0)[0] != draws[0, 0][0]  # the next epoch
+    assert w.draw(settings({"batch_size": 3, "grad_accum": 3, "seed": 1}), 0, 0)[0] != draws[0, 0][0]
+    halves = [w.draw(settings({"batch_size": 3, "grad_accum": 3}), 0, 0, rank, 2)[0] for rank in (0, 1)]
+    assert halves[0] == draws[0, 0][0] and halves[1] == draws[0, 1][0]  # two processes: the two micro-batches
 
 
 def test_every_input_kind_is_read_in_order_and_split_by_document(model, tmp_path):
     docs = write_every_kind(str(tmp_path / "corpus"))
     tok = load_tokenizer(model)
-    tr, ho = data.load_splits([str(tmp_path / "corpus")], model, 0.25, cache=str(tmp_path / "cache"))
+    tr, ho = splits([str(tmp_path / "corpus")], model, 0.25, cache=str(tmp_path / "cache"))
     assert isinstance(tr, np.memmap) and tr.dtype == np.uint16  # 264 ids fit
     assert decoded(tok, tr) == [t for t in docs if not held(t, 0.25)]
     assert decoded(tok, ho) == [t for t in docs if held(t, 0.25)]
     assert len(decoded(tok, ho)) >= 5
-    globbed = data.load_splits([str(tmp_path / "corpus" / "*.jsonl*"), str(tmp_path / "corpus" / "f.parquet")],
+    globbed = splits([str(tmp_path / "corpus" / "*.jsonl*"), str(tmp_path / "corpus" / "f.parquet")],
                                model, 0.25, cache=str(tmp_path / "cache"))
     assert decoded(tok, globbed[0]) + decoded(tok, globbed[1]) == sorted(
         docs[3:], key=lambda t: held(t, 0.25))  # a stable sort: each side in reading order
@@ -110,14 +126,14 @@ def test_every_input_kind_is_read_in_order_and_split_by_document(model, tmp_path
 def test_text_field_names_the_field_and_column(model, tmp_path):
     docs = write_every_kind(str(tmp_path / "corpus"), field="content")
     tok = load_tokenizer(model)
-    tr, ho = data.load_splits([str(tmp_path / "corpus")], model, 0.25, "content", cache=str(tmp_path / "cache"))
+    tr, ho = splits([str(tmp_path / "corpus")], model, 0.25, "content", cache=str(tmp_path / "cache"))
     assert decoded(tok, tr) + decoded(tok, ho) == sorted(docs, key=lambda t: held(t, 0.25))
 
 
 def test_windows_through_the_memmap_equal_the_in_memory_ones(model, tmp_path):
     docs = write_every_kind(str(tmp_path / "corpus"))
     old = in_memory_splits(docs, load_tokenizer(model), 0.25)
-    new = data.load_splits([str(tmp_path / "corpus")], model, 0.25, cache=str(tmp_path / "cache"))
+    new = splits([str(tmp_path / "corpus")], model, 0.25, cache=str(tmp_path / "cache"))
     for o, n in zip(old, new):
         a, b = data.Windows(o, 16), data.Windows(n, 16)
         assert a.n == b.n > 3
@@ -128,15 +144,15 @@ def test_windows_through_the_memmap_equal_the_in_memory_ones(model, tmp_path):
 
 def test_held_out_split_is_by_document_and_disjoint(model, corpus, tmp_path):
     tok = load_tokenizer(model)
-    tr, ho = data.load_splits([corpus], model, 0.2, cache=str(tmp_path / "cache"))
+    tr, ho = splits([corpus], model, 0.2, cache=str(tmp_path / "cache"))
     markers = [{t[:6] for t in decoded(tok, s)} for s in (tr, ho)]
     assert markers[0] and markers[1]
     assert not markers[0] & markers[1]                                    # no document on both sides
     assert markers[0] | markers[1] == {f"DOC{i:03d}" for i in range(30)}  # and none lost
     docs = [t for t, _ in data.documents(data.find_files([corpus]))]
-    assert markers[1] == {t[:6] for t in docs if data.is_held_out(t, 0.2)}
+    assert markers[1] == {t[:6] for t in docs if held(t, 0.2)}
     moved = shutil.copytree(corpus, tmp_path / "elsewhere")  # the same split wherever the corpus lies
-    assert np.array_equal(data.load_splits([str(moved)], model, 0.2, cache=str(tmp_path / "c"))[1], ho)
+    assert np.array_equal(splits([str(moved)], model, 0.2, cache=str(tmp_path / "c"))[1], ho)
 
 
 def test_data_py_prepares_then_finds_the_cache(model, corpus, tmp_path, capsys):
@@ -156,7 +172,8 @@ def test_data_py_prepares_then_finds_the_cache(model, corpus, tmp_path, capsys):
 
 def test_jsonl_lines_that_hold_no_text_are_refused(tmp_path):
     f = tmp_path / "d.jsonl"
-    for line, why in [('{"body": "x"}', "KeyError"), ('{"text": 3}', "int, not a string"), ("not json", "JSONDecodeError"),
+    for line, why in [('{"body": "x"}', "KeyError"), ('{"text": 3}', "int, not a string"),
+                      ("not json", "JSONDecodeError"),
                       ('["text"]', "TypeError")]:
         f.write_text(json.dumps({"text": "one"}) + "\n\n" + line + "\n")
         with pytest.raises(ValueError, match=f"d.jsonl line 3: needs a JSON object with a 'text' string field .*{why}"):
@@ -179,20 +196,21 @@ def write_bad(folder, kind):
     return path
 
 
-@pytest.mark.parametrize("kind,message", [
+@pytest.mark.parametrize("case", [
     ("binary", "is binary, not text"),
     ("no column", "has no column 'text' \\(it has content\\); name the text column with --text-field"),
     ("unknown kind", "not a file --data reads"),
     ("not gzip", "cannot read .*Not a gzipped file"),
     ("bad line", "line 3: needs a JSON object"),  # found mid-stream: what was written is removed
 ])
-def test_refused_inputs_give_one_line_and_write_nothing(model, corpus, tmp_path, capsys, monkeypatch, kind, message):
+def test_refused_inputs_give_one_line_and_write_nothing(model, corpus, tmp_path, capsys, monkeypatch, case):
+    kind, message = case
     monkeypatch.setattr(data, "BATCH_CHARS", 500)  # batches of the good files are written before a bad line is met
     bad = write_bad(str(tmp_path), kind)
     cache = tmp_path / "cache"
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         data.main(["--model", model, "--data", corpus, bad, "--cache", str(cache)])
-    assert str(e.value).startswith(f"error: {bad}") or str(e.value).startswith(f"error: cannot read {bad}")
+    assert str(e.value).startswith(f"{bad}") or str(e.value).startswith(f"cannot read {bad}")
     assert "\n" not in str(e.value) and re.search(message, str(e.value))
     written = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs if f != "lock"]
     assert written == [] and capsys.readouterr().out == ""
@@ -210,26 +228,27 @@ def test_cache_key_is_the_tokenizers_content(model, corpus, tmp_path):
     cache = str(tmp_path / "cache")
     docs = [t for t, _ in data.documents(data.find_files([corpus]))]
     for m in (model, other):
-        got = data.load_splits([corpus], m, 0.2, cache=cache)
+        got = splits([corpus], m, 0.2, cache=cache)
         for g, want in zip(got, in_memory_splits(docs, load_tokenizer(m), 0.2)):
             assert np.array_equal(g, want)
     assert len(os.listdir(os.path.join(cache, "tokens"))) == 2
-    assert not np.array_equal(*[data.load_splits([corpus], m, 0.2, cache=cache)[0] for m in (model, other)])
+    assert not np.array_equal(*[splits([corpus], m, 0.2, cache=cache)[0] for m in (model, other)])
 
 
 KILL = """
 import os, signal, sys
 import data
+from run import settings
 data.BATCH_CHARS = 500  # many batches, so the kill lands between two
-where, calls = sys.argv[1], [0]
+where = sys.argv[1]
 if where == "mid-stream":
-    is_held_out = data.is_held_out
-    def counting(text, fraction):
-        calls[0] += 1
-        if calls[0] == 12:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return is_held_out(text, fraction)
-    data.is_held_out = counting
+    documents = data.documents
+    def dies_at_document_12(files, text_field):
+        for i, doc in enumerate(documents(files, text_field)):
+            if i == 12:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield doc
+    data.documents = dies_at_document_12
 else:  # the token files complete and in place, the manifest not yet
     replace = os.replace
     def replace_then_die(a, b):
@@ -237,22 +256,24 @@ else:  # the token files complete and in place, the manifest not yet
             os.kill(os.getpid(), signal.SIGKILL)
         replace(a, b)
     os.replace = replace_then_die
-data.load_splits([sys.argv[2]], sys.argv[3], 0.2, cache=sys.argv[4])
+data.load_splits(settings({"data": [sys.argv[2]], "model": sys.argv[3], "held_out": 0.2}), cache=sys.argv[4])
 """
 
 
 @pytest.mark.parametrize("where", ["mid-stream", "before the manifest"])
 def test_a_killed_preparation_is_never_read_as_complete(model, corpus, tmp_path, capfd, where):
     cache = str(tmp_path / "cache")
-    done = subprocess.run([sys.executable, "-c", KILL, where, corpus, model, cache], env=dict(os.environ, PYTHONPATH=ROOT))
+    done = subprocess.run([sys.executable, "-c", KILL, where, corpus, model, cache],
+                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.returncode == -signal.SIGKILL
     left = os.listdir(only_folder(cache))
     assert "manifest.json" not in left
-    assert {"train.bin.tmp", "held_out.bin.tmp"} <= set(left) if where == "mid-stream" else {"train.bin", "held_out.bin"} <= set(left)
+    written = {"train.bin.tmp", "held_out.bin.tmp"} if where == "mid-stream" else {"train.bin", "held_out.bin"}
+    assert written <= set(left)
     if where == "mid-stream":
         assert os.path.getsize(os.path.join(only_folder(cache), "train.bin.tmp")) > 0  # batches were written
     capfd.readouterr()
-    got = data.load_splits([corpus], model, 0.2, cache=cache)
+    got = splits([corpus], model, 0.2, cache=cache)
     assert "tokenised 30 documents" in capfd.readouterr().err  # prepared again, not read
     docs = [t for t, _ in data.documents(data.find_files([corpus]))]
     for g, want in zip(got, in_memory_splits(docs, load_tokenizer(model), 0.2)):
@@ -268,7 +289,7 @@ DAMAGE = ["truncated token file", "token file with bytes appended", "missing tok
 def test_a_damaged_cache_is_prepared_again(model, corpus, tmp_path, capfd, damage):
     rng = np.random.default_rng(DAMAGE.index(damage))
     cache = str(tmp_path / "cache")
-    want = [np.array(s) for s in data.load_splits([corpus], model, 0.2, cache=cache)]  # copies: the files change
+    want = [np.array(s) for s in splits([corpus], model, 0.2, cache=cache)]  # copies: the files change
     folder = only_folder(cache)
     train, manifest = os.path.join(folder, "train.bin"), os.path.join(folder, "manifest.json")
     m = json.load(open(manifest))
@@ -290,19 +311,20 @@ def test_a_damaged_cache_is_prepared_again(model, corpus, tmp_path, capfd, damag
         m["key"][-1] = "tokenizer.json sha1 " + "0" * 40
         json.dump(m, open(manifest, "w"))
     capfd.readouterr()
-    got = data.load_splits([corpus], model, 0.2, cache=cache)
+    got = splits([corpus], model, 0.2, cache=cache)
     err = capfd.readouterr().err
     assert "is damaged" in err and "tokenised 30 documents" in err
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
-    data.load_splits([corpus], model, 0.2, cache=cache)  # and from now on read, not prepared
+    splits([corpus], model, 0.2, cache=cache)  # and from now on read, not prepared
     assert "tokenised" not in capfd.readouterr().err
 
 
 RACE = """
 import hashlib, sys
 import data
-tr, ho = data.load_splits([sys.argv[1]], sys.argv[2], 0.2, cache=sys.argv[3])
+from run import settings
+tr, ho = data.load_splits(settings({"data": [sys.argv[1]], "model": sys.argv[2], "held_out": 0.2}), cache=sys.argv[3])
 print(hashlib.sha1(tr.tobytes() + ho.tobytes()).hexdigest())
 """
 
@@ -310,8 +332,9 @@ print(hashlib.sha1(tr.tobytes() + ho.tobytes()).hexdigest())
 def test_two_processes_preparing_at_once_tokenise_once(model, corpus, tmp_path):
     """torchrun's ranks all ask for the cache at once: one prepares it, the others wait and read it."""
     cache = str(tmp_path / "cache")
+    env = dict(os.environ, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, "-c", RACE, corpus, model, cache], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT)) for _ in range(2)]
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert outs[0][0] == outs[1][0] and len(outs[0][0].strip()) == 40

@@ -9,8 +9,8 @@ import data
 import eval as evaluation
 import generate
 import train
-from conftest import make_checkpoint, make_corpus, make_model_folder, randomise_trainable
-from load_qwen import load_model, load_ouroboros
+from conftest import make_checkpoint, make_corpus, make_model_folder, ouroboros, randomise_trainable
+from load_qwen import load_model
 from model import latent_diff
 
 SPLIT = dict(prelude=2, recurrent=3, coda=2)  # of 7 layers
@@ -40,7 +40,7 @@ def chunked(decode, x, cuts):
 @pytest.mark.parametrize("variant", ["controller", "static", "none"])
 @pytest.mark.parametrize("gate", [True, False])
 def test_cached_decoding_gives_the_full_forward_logits(ckpt, variant, gate):
-    model = load_ouroboros(ckpt, **SPLIT, variant=variant, gate=gate)
+    model = ouroboros(ckpt, **SPLIT, variant=variant, gate=gate)
     randomise_trainable(model, scale=0.1)  # at 0.3 the no-gate loop is chaotic: rounding alone moves logits by 1e-3
     x, depth = ids(2, 20), 3
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_full_model_cached_decoding(ckpt):
 
 
 def test_pruned_cached_decoding(ckpt):
-    model = load_ouroboros(ckpt, **SPLIT)
+    model = ouroboros(ckpt, **SPLIT)
     x = ids(1, 16)
     with torch.no_grad():
         want = model.pruned(x)
@@ -75,12 +75,12 @@ def test_pruned_cached_decoding(ckpt):
 
 
 def test_cache_size_overflow_and_mean_pool_refused(ckpt):
-    model = load_ouroboros(ckpt, **SPLIT)
+    model = ouroboros(ckpt, **SPLIT)
     # K and V, (2 prelude + 2 steps + 2 coda) slots, 2 KV heads of 16, fp32
     assert model.new_cache(1, 8, 2).bytes_per_token() == 2 * 6 * 2 * 16 * 4
     with pytest.raises(ValueError, match="do not fit a cache of 8"):
         model.decode(ids(1, 9), model.new_cache(1, 8, 2))
-    mean = load_ouroboros(ckpt, **SPLIT, pool="mean")
+    mean = ouroboros(ckpt, **SPLIT, pool="mean")
     with pytest.raises(ValueError, match="sees the future.*--no-cache"):
         mean.decode(ids(1, 8), mean.new_cache(1, 8, 2))
     x = ids(1, 8)  # the pruned baseline never calls the controller: it decodes a mean-pool run
@@ -93,7 +93,7 @@ def options(**kw):
 
 
 def test_greedy_tokens_identical_with_and_without_cache(ckpt):
-    model = load_ouroboros(ckpt, **SPLIT)
+    model = ouroboros(ckpt, **SPLIT)
     randomise_trainable(model, scale=0.1)
     prompt, greedy = ids(1, 6), lambda logits: logits.argmax(-1, keepdim=True)
     runs = [generate.generate(generate.decoder(model, options(no_cache=no_cache), 30), prompt, 24, greedy)
@@ -103,7 +103,7 @@ def test_greedy_tokens_identical_with_and_without_cache(ckpt):
 
 
 def test_exit_that_never_fires_is_fixed_depth_and_one_that_always_fires_is_depth_one(ckpt):
-    model = load_ouroboros(ckpt, **SPLIT)
+    model = ouroboros(ckpt, **SPLIT)
     randomise_trainable(model, scale=0.1)
     x = ids(2, 12)
     never, always = model.new_cache(2, 12, 3), model.new_cache(2, 12, 3)
@@ -121,7 +121,7 @@ def test_exit_that_never_fires_is_fixed_depth_and_one_that_always_fires_is_depth
 def test_adaptive_depth_per_row_in_a_batch_is_per_sequence_decoding(ckpt):
     """A batch of windows decoded token by token with per-token exits gives each sequence's own
     numbers, and a stopped token's K/V at later steps are its last computed step's."""
-    model = load_ouroboros(ckpt, **SPLIT)
+    model = ouroboros(ckpt, **SPLIT)
     randomise_trainable(model, scale=0.1)
     x, depth, P = ids(3, 14), 4, 2
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_generate_cli_json_cached_equals_uncached(runs, capsys):
 
 
 def test_generate_refuses_mean_pool_with_cache_but_samples_it_without(runs, capsys):
-    with pytest.raises(SystemExit, match="error: .*pool='mean'.*sees the future.*--no-cache"):
+    with pytest.raises(ValueError, match="pool='mean'.*sees the future.*--no-cache"):
         generate.main(["--run", runs["mean"], "--prompt", "the cat"])
     generate.main(["--run", runs["mean"], "--prompt", "the cat", "--no-cache", "--max-new-tokens", "3"])
     assert "tok/s" in capsys.readouterr().err
@@ -198,7 +198,7 @@ def test_generate_refuses_mean_pool_with_cache_but_samples_it_without(runs, caps
     (["--run", "nowhere", "--model", "M"], "--model and --run"),
 ])
 def test_generate_bad_input_is_one_clear_error(argv, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         generate.main(["--prompt", "x", *argv])
 
 
@@ -217,9 +217,9 @@ def test_eval_adaptive_through_the_cache(runs, tmp_path, monkeypatch, capsys):
     assert abs(never["loss"] - fixed3["loss"]) <= 1e-4 and abs(always["loss"] - fixed1["loss"]) <= 1e-4
     assert 1 <= mid["steps"] <= 3
     assert (tmp_path / "adaptive.md").read_text().startswith(f"`{runs['causal']}`")
-    with pytest.raises(SystemExit, match="--adaptive 'x': give comma-separated numbers"):
+    with pytest.raises(ValueError, match="--adaptive 'x': give comma-separated numbers"):
         evaluation.main(common + ["--adaptive", "x"])
-    with pytest.raises(SystemExit, match="--adaptive measures one run"):
+    with pytest.raises(ValueError, match="--adaptive measures one run"):
         evaluation.main(common + ["--adaptive", "0.1", "--run", runs["causal"], runs["mean"]])
-    with pytest.raises(SystemExit, match=r"error: --adaptive .*pool='mean'.*measure a pool='causal' run"):
+    with pytest.raises(ValueError, match=r"--adaptive .*pool='mean'.*measure a pool='causal' run"):
         evaluation.main(common + ["--adaptive", "0.1", "--run", runs["mean"]])

@@ -1,7 +1,7 @@
 """Damaged inputs, fuzzed (seeded): config.json, a safetensors header, tokenizer.json, a training
 checkpoint and the token cache, broken in many random ways. Every case loads cleanly or ends in the
-project's error on bad input (a ValueError, CheckpointError among them, which load_qwen.cli turns
-into one line); anything else -- another exception, a crash, a hang -- fails the test and names the
+project's error on bad input (a ValueError, CheckpointError among them, which run.cli turns into
+one line); anything else -- another exception, a crash, a hang -- fails the test and names the
 seed that caused it. A damaged token cache is prepared again instead."""
 import json
 import os
@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import train
-from conftest import make_corpus, make_model_folder
-from load_qwen import load_checkpoint, load_model, load_ouroboros, load_tokenizer
+from conftest import make_corpus, make_model_folder, ouroboros, splits
+from load_qwen import load_model, load_tokenizer
+from run import load_checkpoint, save_checkpoint, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = 60  # per file kind
-GARBAGE = [None, -1, 0, 1, 7, 2**62, -2.5, 1e308, float("nan"), "", "x", "F16", [], [1, "a"], [2**40], {}, {"a": 1}, True]
+GARBAGE = [None, -1, 0, 1, 7, 2**62, -2.5, 1e308, float("nan"), "", "x", "F16", [], [1, "a"], [2**40], {}, {"a": 1},
+           True]
 
 
 def mutate_bytes(data: bytes, rng, end=None) -> bytes:
@@ -37,7 +37,8 @@ def mutate_bytes(data: bytes, rng, end=None) -> bytes:
     if kind == "insert":
         return data[:at] + rng.randbytes(rng.randint(1, 16)) + data[at:]
     out = bytearray(data)
-    for i in ([rng.randrange(end) for _ in range(rng.randint(1, 8))] if kind == "flip" else range(at, min(end, at + 32))):
+    where = [rng.randrange(end) for _ in range(rng.randint(1, 8))] if kind == "flip" else range(at, min(end, at + 32))
+    for i in where:
         out[i] = rng.randrange(256) if kind == "span" else out[i] ^ (1 << rng.randrange(8))
     return bytes(out)
 
@@ -80,13 +81,13 @@ def originals(tmp_path_factory):
     """A tiny model folder and a checkpoint train.py wrote for it (with AdamW state)."""
     tmp = tmp_path_factory.mktemp("fuzz")
     model_dir = make_model_folder(str(tmp / "model"))
-    model = load_ouroboros(model_dir, 1, 2, 1, rank=8)
-    cfg = train.TrainConfig(model=model_dir, prelude=1, recurrent=2, coda=1, rank=8)
-    opt = train.make_optimizer(model, cfg)
-    for p in train.trainable(model).values():
+    model = ouroboros(model_dir, prelude=1, recurrent=2, coda=1, rank=8)
+    cfg = settings({"model": model_dir, "prelude": 1, "recurrent": 2, "coda": 1, "rank": 8})
+    opt = torch.optim.AdamW(model.trainable().values())
+    for p in model.trainable().values():
         p.grad = torch.randn_like(p)
     opt.step()
-    train.save_checkpoint(str(tmp / "checkpoint.safetensors"), model, opt, 1, cfg)
+    save_checkpoint(str(tmp / "checkpoint.safetensors"), model, opt, 1, cfg)
     return model_dir, str(tmp / "checkpoint.safetensors"), model
 
 
@@ -138,7 +139,7 @@ def test_fuzzed_tokenizer_json(originals, tmp_path):
 
 def test_fuzzed_checkpoint(originals, tmp_path):
     _, ckpt, model = originals
-    opt = train.make_optimizer(model, train.TrainConfig())
+    opt = torch.optim.AdamW(model.trainable().values())
 
     def damage(data, rng):  # its header and tensor bytes both
         return damage_safetensors(data, rng) if rng.random() < 0.7 else mutate_bytes(data, rng)
@@ -156,7 +157,7 @@ def test_fuzzed_token_cache(originals, tmp_path, capfd):
     vouches for sizes, not content (checking content would cost a pass over the corpus per run), so
     such ids can be wrong, even beyond the vocabulary."""
     corpus = make_corpus(str(tmp_path / "corpus"))
-    want = [np.array(s) for s in data.load_splits([corpus], originals[0], 0.2, cache=str(tmp_path / "clean"))]
+    want = [np.array(s) for s in splits([corpus], originals[0], 0.2, cache=str(tmp_path / "clean"))]
     (key,) = os.listdir(tmp_path / "clean" / "tokens")
     prepared = 0
     for seed in range(CASES):
@@ -169,7 +170,7 @@ def test_fuzzed_token_cache(originals, tmp_path, capfd):
         file.write_bytes(after)
         capfd.readouterr()
         try:
-            got = data.load_splits([corpus], originals[0], 0.2, cache=str(cache))
+            got = splits([corpus], originals[0], 0.2, cache=str(cache))
         except Exception as e:
             raise AssertionError(f"token cache seed {seed} ({file.name}): {type(e).__name__}: {e}") from e
         again = "tokenised" in capfd.readouterr().err
@@ -186,7 +187,8 @@ def test_clis_on_damaged_folders_print_one_line_not_a_traceback(originals, tmp_p
     """generate.py run as a program on a few damaged folders (seeds whose damage is refused): exit 1
     and an `error:` line, no traceback."""
     model_dir = originals[0]
-    cases = [("config.json", damage_json, 3), ("model.safetensors", damage_safetensors, 5), ("tokenizer.json", damage_json, 1)]
+    cases = [("config.json", damage_json, 3), ("model.safetensors", damage_safetensors, 5),
+             ("tokenizer.json", damage_json, 1)]
     for file, damage, seed in cases:
         folder = str(tmp_path / file)
         shutil.copytree(model_dir, folder)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_checkpoint, randomise_trainable
+from conftest import make_checkpoint, ouroboros, randomise_trainable
 from controller import TARGETS, Controller, Gate, StepNorm, svd_bases
-from load_qwen import load_model, load_ouroboros
+from load_qwen import load_model
 from model import lm_loss
 
 SPLIT = dict(prelude=2, recurrent=3, coda=2)  # of 7 layers: removed 2, 4
@@ -25,7 +25,7 @@ def ids(*shape, seed=0):
 
 @pytest.mark.parametrize("variant", ["controller", "static"])
 def test_default_is_causal(ckpt, variant):
-    model = load_ouroboros(ckpt[0], **SPLIT, variant=variant)
+    model = ouroboros(ckpt[0], **SPLIT, variant=variant)
     randomise_trainable(model)
     x = ids(1, 24)
     y = x.clone()
@@ -37,7 +37,7 @@ def test_default_is_causal(ckpt, variant):
 
 
 def test_mean_pool_leaks_the_future(ckpt):
-    model = load_ouroboros(ckpt[0], **SPLIT, pool="mean")
+    model = ouroboros(ckpt[0], **SPLIT, pool="mean")
     randomise_trainable(model)
     x = ids(1, 24)
     y = x.clone()
@@ -49,7 +49,7 @@ def test_mean_pool_leaks_the_future(ckpt):
 
 @pytest.mark.parametrize("pool", ["causal", "mean"])
 def test_sequences_do_not_see_their_batch(ckpt, pool):
-    model = load_ouroboros(ckpt[0], **SPLIT, pool=pool)
+    model = ouroboros(ckpt[0], **SPLIT, pool=pool)
     randomise_trainable(model)
     a, b, c = ids(1, 16, seed=1), ids(1, 16, seed=2), ids(1, 16, seed=3)
     with torch.no_grad():
@@ -58,9 +58,10 @@ def test_sequences_do_not_see_their_batch(ckpt, pool):
     assert (ab[1] - ac[1]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("variant,gate", [("controller", True), ("static", True), ("none", True), ("controller", False)])
+@pytest.mark.parametrize("variant,gate", [("controller", True), ("static", True), ("none", True),
+                                          ("controller", False)])
 def test_every_trainable_tensor_gets_a_gradient(ckpt, variant, gate):
-    model = load_ouroboros(ckpt[0], **SPLIT, variant=variant, gate=gate)
+    model = ouroboros(ckpt[0], **SPLIT, variant=variant, gate=gate)
     randomise_trainable(model)
     model(ids(2, 16), depth=3, labels=ids(2, 16, seed=5)).backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -73,7 +74,7 @@ def test_every_trainable_tensor_gets_a_gradient(ckpt, variant, gate):
 
 def test_heads_get_gradient_at_initialisation(ckpt):
     """Zero heads must not be a dead end: they are the first thing to move."""
-    model = load_ouroboros(ckpt[0], **SPLIT)
+    model = ouroboros(ckpt[0], **SPLIT)
     model(ids(2, 16), depth=2, labels=ids(2, 16, seed=5)).backward()
     for t in TARGETS:
         assert model.diagonals.heads[t].weight.grad.abs().sum() > 0, t
@@ -81,7 +82,7 @@ def test_heads_get_gradient_at_initialisation(ckpt):
 
 def test_bases_are_the_best_rank_r_approximation_of_the_mean_residual(ckpt):
     path, hf = ckpt
-    model = load_ouroboros(path, **SPLIT, rank=8)
+    model = ouroboros(path, **SPLIT, rank=8)
     sd = {k: v.double().numpy() for k, v in hf.state_dict().items()}
     names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -103,7 +104,7 @@ def test_svd_bases_rank_checked():
 
 
 def test_initial_state_lora_zero_and_gate_88_percent(ckpt):
-    model = load_ouroboros(ckpt[0], **SPLIT)
+    model = ouroboros(ckpt[0], **SPLIT)
     x = torch.randn(2, 5, 64)
     diag = model.diagonals(x, 0)
     for t in TARGETS:
@@ -117,7 +118,7 @@ def test_initial_state_lora_zero_and_gate_88_percent(ckpt):
 
 
 def test_base_is_frozen_through_an_optimiser_step(ckpt):
-    model = load_ouroboros(ckpt[0], **SPLIT)
+    model = ouroboros(ckpt[0], **SPLIT)
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.endswith(".A") for n in frozen) and any("embed_tokens" in n for n in frozen)
@@ -132,7 +133,7 @@ def test_base_is_frozen_through_an_optimiser_step(ckpt):
 
 
 def test_trainable_stays_fp32_with_bf16_base(ckpt):
-    model = load_ouroboros(ckpt[0], **SPLIT, dtype=torch.bfloat16)
+    model = ouroboros(ckpt[0], **SPLIT, dtype=torch.bfloat16)
     assert model.base.embed_tokens.weight.dtype == torch.bfloat16
     assert model.recurrent.mlp.up_proj.A.dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
@@ -142,14 +143,14 @@ def test_trainable_stays_fp32_with_bf16_base(ckpt):
 
 def test_parameter_counts_match_the_formulas(ckpt):
     d, r, s, steps = 64, 32, 128, 64
-    model = load_ouroboros(ckpt[0], **SPLIT)
+    model = ouroboros(ckpt[0], **SPLIT)
     count = lambda m: sum(p.numel() for p in m.parameters())
     controller = (d * 2 * s + 2 * s) + steps * s + (3 * s * 2 * s + 2 * s) + (2 * s * s + s) + 7 * s * r
     assert count(model.diagonals) == controller
     assert count(model.gate) == 2 * d * d + d
     assert count(model.step_norm) == steps * d
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == controller + 2 * d * d + d + steps * d
-    static = load_ouroboros(ckpt[0], **SPLIT, variant="static", gate=False)
+    static = ouroboros(ckpt[0], **SPLIT, variant="static", gate=False)
     assert sum(p.numel() for p in static.parameters() if p.requires_grad) == steps * 7 * r + steps * d
     # at the paper's d = 2048: 692,864 + 8,390,656 + 131,072 = 9,214,592
     assert count(Controller(2048, 32)) == 692_864 and count(Gate(2048)) == 8_390_656
@@ -158,7 +159,7 @@ def test_parameter_counts_match_the_formulas(ckpt):
 
 def test_pruned_is_the_kept_layers_run_once(ckpt):
     path, _ = ckpt
-    model = load_ouroboros(path, **SPLIT)
+    model = ouroboros(path, **SPLIT)
     kept = load_model(path, layers=[0, 1, 3, 5, 6])
     x = ids(2, 16)
     with torch.no_grad():
@@ -168,7 +169,7 @@ def test_pruned_is_the_kept_layers_run_once(ckpt):
 
 def test_no_gate_depth_one_is_the_normalised_layer(ckpt):
     """variant none, no gate: one step is exactly the step-normed recurrent layer."""
-    model = load_ouroboros(ckpt[0], **SPLIT, variant="none", gate=False)
+    model = ouroboros(ckpt[0], **SPLIT, variant="none", gate=False)
     x = ids(1, 12)
     with torch.no_grad():
         h, cos, sin = model.embed_prelude(x)
@@ -178,25 +179,25 @@ def test_no_gate_depth_one_is_the_normalised_layer(ckpt):
 
 
 def test_depth_and_split_errors(ckpt):
-    model = load_ouroboros(ckpt[0], **SPLIT)
+    model = ouroboros(ckpt[0], **SPLIT)
     with pytest.raises(ValueError, match="depth 65 must be in 1..64"):
         model(ids(1, 4), depth=65)
     with pytest.raises(ValueError, match="recurrent layer 1 must lie between"):
-        load_ouroboros(ckpt[0], prelude=2, recurrent=1, coda=2)
+        ouroboros(ckpt[0], prelude=2, recurrent=1, coda=2)
     with pytest.raises(ValueError, match="recurrent layer 5 must lie between"):
-        load_ouroboros(ckpt[0], prelude=2, recurrent=5, coda=2)
+        ouroboros(ckpt[0], prelude=2, recurrent=5, coda=2)
     with pytest.raises(ValueError, match="nothing is removed"):
-        load_ouroboros(ckpt[0], prelude=3, recurrent=3, coda=3)
+        ouroboros(ckpt[0], prelude=3, recurrent=3, coda=3)
     with pytest.raises(ValueError, match="must leave room"):
-        load_ouroboros(ckpt[0], prelude=4, recurrent=3, coda=3)
+        ouroboros(ckpt[0], prelude=4, recurrent=3, coda=3)
     with pytest.raises(ValueError, match="variant must be"):
-        load_ouroboros(ckpt[0], **SPLIT, variant="dynamic")
+        ouroboros(ckpt[0], **SPLIT, variant="dynamic")
     with pytest.raises(ValueError, match="pool must be"):
-        load_ouroboros(ckpt[0], **SPLIT, pool="max")
+        ouroboros(ckpt[0], **SPLIT, pool="max")
 
 
 def test_checkpointed_steps_give_the_same_gradients(ckpt):
-    model = load_ouroboros(ckpt[0], **SPLIT)
+    model = ouroboros(ckpt[0], **SPLIT)
     randomise_trainable(model)
     grads = []
     for flag in (False, True):
@@ -241,19 +242,18 @@ def test_chunked_loss_gradient_in_bf16_when_the_model_is_confident():
                                                ("static", "causal", True), ("none", "causal", False)])
 def test_one_pass_readout_equals_separate_forwards(ckpt, variant, pool, gate):
     """eval.py's readout (the loop run once, the coda reading out each depth) gives what a forward at
-    each depth gives: logits, and the per-window losses of every objective."""
-    model = load_ouroboros(ckpt[0], **SPLIT, variant=variant, pool=pool, gate=gate)
+    each depth gives: logits, and each window's loss of every objective read out through the head."""
+    model = ouroboros(ckpt[0], **SPLIT, variant=variant, pool=pool, gate=gate)
     randomise_trainable(model)
     x, depths = ids(3, 20), [1, 3, 4, 7]
     labels = [ids(3, 20, seed=1), ids(3, 20, seed=2)]
     with torch.no_grad():
-        logits = model.readout(x, depths)
-        losses = model.readout(x, depths, labels)
-        for d, got, loss in zip(depths, logits, losses):
+        states = model.readout(x, depths)
+        assert list(states) == depths
+        for d, h in states.items():
             want = model(x, depth=d)
-            assert (got - want).abs().max() <= 1e-5
-            assert loss.shape == (2, 3)  # [objectives, windows]
-            for o, y in enumerate(labels):
+            assert (model.base.head(h) - want).abs().max() <= 1e-5
+            for y in labels:
                 for b in range(3):
-                    assert abs(loss[o, b] - F.cross_entropy(want[b], y[b])) <= 1e-5
-        assert (logits[0] - logits[-1]).abs().max() > 1e-3  # the depths really differ
+                    assert abs(model.base.head(h[b:b + 1], y[b:b + 1]) - F.cross_entropy(want[b], y[b])) <= 1e-5
+        assert (model.base.head(states[1]) - model.base.head(states[7])).abs().max() > 1e-3  # the depths really differ
