@@ -57,7 +57,7 @@ class Controller(nn.Module):
     than anything a left-to-right decoder can achieve); it exists so that effect can be measured.
     """
 
-    def __init__(self, dim: int, rank: int, style: int = 128, max_steps: int = 64, pool: str = "causal"):
+    def __init__(self, dim: int, rank: int, style: int, max_steps: int, pool: str):
         super().__init__()
         if pool not in ("causal", "mean"):
             raise ValueError(f"pool must be 'causal' or 'mean', not {pool!r}")
@@ -91,7 +91,7 @@ class Controller(nn.Module):
 class StaticDiagonals(nn.Module):
     """Ablation: a learned table of diagonals, one per (step, target), blind to the input."""
 
-    def __init__(self, rank: int, max_steps: int = 64):
+    def __init__(self, rank: int, max_steps: int):
         super().__init__()
         self.table = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
 
@@ -119,7 +119,7 @@ class Gate(nn.Module):
 class StepNorm(nn.Module):
     """RMSNorm with its own weight row for every recurrent step ([max_steps, d], init 1)."""
 
-    def __init__(self, dim: int, max_steps: int = 64, eps: float = 1e-6):
+    def __init__(self, dim: int, max_steps: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(max_steps, dim))

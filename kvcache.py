@@ -1,5 +1,4 @@
-"""The decoding state: keys and values of every attention slot at every position, preallocated once
-(gpt-fast style) and written at the positions being decoded."""
+"""The KV cache that decodes the decoder and Ouroboros (model.py)."""
 import torch
 
 

@@ -7,7 +7,8 @@ import sys
 
 import numpy as np
 
-SPLITS = ("train", "held_out")
+from data import SIDES as SPLITS
+
 TITLES = {"train": "training distribution", "held_out": "held-out documents"}
 
 
@@ -81,7 +82,7 @@ def summary(result, against=("pruned",)) -> list:
             def seeds_of(name, d):  # {seed: mean loss}; one seed means the same batches, so seeds pair up
                 return {r["seed"]: np.mean(r[s][objective][str(d)]) for r in groups.get(name, [])}
 
-            bases = [a for a in against if a in ref or a in groups] or ["pruned"]
+            targets = [a for a in against if a in ref or a in groups] or ["pruned"]
             full, pruned = np.mean(ref["full"]), np.mean(ref["pruned"])
             for name, d in [("full", None), ("pruned", 1)] + [(v, d) for v in groups for d in result["depths"]]:
                 w = windows(name, d)
@@ -89,13 +90,14 @@ def summary(result, against=("pruned",)) -> list:
                 mine = seeds_of(name, d)
                 seeds = list(mine.values())
                 # a reference row has no depth to pair a variant with
-                diffs = {b: bootstrap(w - windows(b, d)) for b in bases if b != name and (name not in ref or b in ref)}
+                diffs = {b: bootstrap(w - windows(b, d)) for b in targets
+                         if b != name and (name not in ref or b in ref)}
                 theirs = {b: {seed: np.mean(ref[b]) for seed in mine} if b in ref else seeds_of(b, d) for b in diffs}
                 seed_diffs = {b: {seed: m - theirs[b][seed] for seed, m in mine.items() if seed in theirs[b]}
                               for b in diffs}
                 rows.append({"split": s, "objective": objective, "model": name, "depth": d, "seeds": len(seeds),
                              "loss": loss, "low": low, "high": high,
-                             "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None, "against": bases,
+                             "seed_sd": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None, "against": targets,
                              "diffs": diffs, "seed_diffs": seed_diffs, "reduction": 100 * (pruned - loss) / pruned,
                              "gap": 100 * (pruned - loss) / (pruned - full)})
     return rows
@@ -103,7 +105,9 @@ def summary(result, against=("pruned",)) -> list:
 
 def markdown(result) -> str:
     """One table per split and objective; * marks a difference whose interval excludes 0."""
-    out = [f"Model `{result['model']}`, layers {result['split']}, {result['windows']} windows x {result['seq_len']} "
+    w = result["windows"]
+    counts = f"{w['train']} windows" if w["train"] == w["held_out"] else f"{w['train']} and {w['held_out']} windows"
+    out = [f"Model `{result['model']}`, layers {result['split']}, {counts} x {result['seq_len']} "
            "tokens per split, the same windows for every row. Loss: mean cross-entropy (nats) of the next token "
            "(t+1) unless the table says t+2. [95% CI]: percentile bootstrap over windows, a variant's seeds "
            "averaged per window: it reflects which windows were drawn, not how seeds vary (± is the standard "
@@ -114,15 +118,15 @@ def markdown(result) -> str:
     for s in SPLITS:
         for objective in result["reference"][s]:
             table = [r for r in rows if r["split"] == s and r["objective"] == objective]
-            bases = table[0]["against"]
+            targets = table[0]["against"]
             out += ["", f"**{TITLES[s]}, token {objective}**", "",
                     "| model | depth | seeds | loss [95% CI] | ± seeds | "
-                    + " | ".join(f"Δ vs {b} [95% CI]" for b in bases)
-                    + " | gap recovered |", "|---|---|---|---|---|" + "---|" * len(bases) + "---|"]
+                    + " | ".join(f"Δ vs {b} [95% CI]" for b in targets)
+                    + " | gap recovered |", "|---|---|---|---|---|" + "---|" * len(targets) + "---|"]
             for r in table:
                 sd = "" if r["seed_sd"] is None else f"{r['seed_sd']:.3f}"
                 diffs = []
-                for b in bases:
+                for b in targets:
                     if b not in r["diffs"]:
                         diffs.append("-")
                         continue

