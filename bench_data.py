@@ -21,7 +21,7 @@ import torch
 import data
 from bench import timed
 from load_qwen import default_model, load_tokenizer
-from run import cli, settings
+from run import Parser, cli, settings
 
 
 def synthetic_corpus(folder, tokens, tokenizer, seed=0, shards=8):
@@ -102,7 +102,7 @@ def row_tokenise(model, tokenizer, tokens, tmp, reps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller corpora, one timed repeat")
     a = p.parse_args(argv)
     model = default_model()

@@ -2,8 +2,9 @@
 # The README's comparison in one command. Every run trains on the same tokens (30 optimiser steps of
 # 8 x 256 tokens of the Python docs, depths 4/8 drawn per batch, lr warmup 10) and is evaluated on the
 # same windows (48 per split) at depths 1, 4, 8, 16, with paired 95% bootstrap intervals against the
-# static diagonals, the causal controller and the pruned baseline (eval.py --against). Resumable: a finished run is skipped, a killed one resumes from its last
-# checkpoint, and evaluated runs keep their per-window losses, so a second call does only what is missing.
+# static diagonals, the causal controller and the pruned baseline (eval.py --against). Resumable: a
+# finished run is skipped, a killed one resumes from its last checkpoint, and evaluated runs keep their
+# per-window losses, so a second call does only what is missing.
 #
 #   bash compare.sh          # 6 trained variants x seeds 0, 1, 2 -> results/compare  (~2 h on 2 CPU cores)
 #   bash compare.sh ranks    # controller and static at rank 8 and 64, seed 0 -> results/ranks  (~30 min more)
@@ -30,11 +31,12 @@ run() {  # run VARIANT SEED [RANK]: train runs/compare/VARIANT[-rRANK]-sSEED unl
     local variant=$1 seed=$2 rank=${3:-32} out=$RUNS/$1${3:+-r$3}-s$2 resume=
     [ -f "$out/trained" ] && return
     [ -f "$out/checkpoint.safetensors" ] && resume=--resume
-    mkdir -p "$out"
+    mkdir -p "$RUNS"
     echo "== $out"
-    # tee -i: a Ctrl-C reaches train.py, which saves the step it is in, but not the log writer
+    # tee -i: a Ctrl-C reaches train.py, which saves the step it is in, but not the log writer. The log lies
+    # beside the run: train.py writes only into a new or empty folder, or a run of its own.
     "$PY" train.py --out "$out" --steps 30 --warmup 10 --eval-interval 30 --eval-windows 8 --no-final-eval \
-        $(flags "$variant") --seed "$seed" --rank "$rank" $resume 2>&1 | tee -ia "$out/train.log"
+        $(flags "$variant") --seed "$seed" --rank "$rank" $resume 2>&1 | tee -ia "$out.log"
     touch "$out/trained"
 }
 

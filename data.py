@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 import sys
 import sysconfig
 import time
@@ -24,10 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from load_qwen import default_model, load_config, load_tokenizer
-from run import ROOT, add_flags, cli, settings, write_atomic
+from load_qwen import CACHE, default_model, load_config, load_tokenizer
+from run import Parser, add_flags, cli, settings, write_atomic
 
-CACHE = os.path.join(ROOT, "cache")
 PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.rst.txt"
 TEXT = (".txt", ".md", ".rst", ".py")  # one document per file (.py: the stdlib fallback corpus)
 KINDS = TEXT + (".jsonl", ".jsonl.gz", ".parquet")
@@ -40,28 +40,37 @@ AHEAD = 2  # batches encoding at once
 # sources -> documents
 
 def find_files(sources):
-    """Files from paths, folders and globs; default: the Python docs, else the stdlib's sources.
-    A folder gives every file of a known kind under it; any other file named is refused."""
+    """Files from paths, folders and globs; default: the Python docs, else the stdlib's sources. A path
+    that exists is taken as it is, glob characters and all. A folder gives every regular file of a known
+    kind under it, each folder once however symlinks loop; any other file named is refused."""
     if not sources:
         files = sorted(glob.glob(PYTHON_DOCS, recursive=True))
         if files:
             return files
         stdlib = sysconfig.get_paths()["stdlib"]
         print(f"Python docs not found at {PYTHON_DOCS} (apt-get install python3.11-doc); "
-              f"using the standard library's sources in {stdlib} instead")
+              f"using the standard library's sources in {stdlib} instead", file=sys.stderr)
         return sorted(f for f in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)
                       if "site-packages" not in f)
     files = []
     for src in sources:
-        if os.path.isdir(src):
-            found = [f for f in glob.glob(os.path.join(src, "**", "*"), recursive=True) if f.endswith(KINDS)]
-        else:
-            found = glob.glob(src, recursive=True)
+        literal, seen = os.path.exists(src), set()  # a path that exists is no glob, whatever its characters
+        found = [] if os.path.isdir(src) else [src] if literal else glob.glob(src, recursive=True)
+        for top, dirs, names in os.walk(src, followlinks=True) if os.path.isdir(src) else ():
+            here = os.stat(top)
+            if (here.st_dev, here.st_ino) in seen:  # a symlink back into a folder already walked
+                dirs.clear()
+                continue
+            seen.add((here.st_dev, here.st_ino))
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # as a glob would: no hidden files
+            found += [f for n in names if n.endswith(KINDS) and not n.startswith(".")
+                      and stat.S_ISREG(os.stat(f := os.path.join(top, n)).st_mode)]  # FIFOs, devices: skipped
         if not found:
             raise FileNotFoundError(f"--data {src!r} matches no files")
         for f in found:
-            if not f.endswith(KINDS) or os.path.isdir(f):
-                raise ValueError(f"{f}: not a file --data reads; give {' '.join(KINDS)} files, or folders of them")
+            if not f.endswith(KINDS) or not stat.S_ISREG(os.stat(f).st_mode):
+                raise ValueError(f"{f}: not a file --data reads; give regular {' '.join(KINDS)} files, or folders "
+                                 "of them")
         files += sorted(found)
     return files
 
@@ -82,7 +91,7 @@ def parquet(file, text_field):
     return pf
 
 
-def binary(file):
+def binary_error(file):
     return ValueError(f"{file} is binary, not text (it holds a NUL byte); give text, .jsonl(.gz) or .parquet files")
 
 
@@ -107,7 +116,7 @@ def documents(files, text_field="text"):
             with open(file, "rb") as f:
                 raw = f.read()
             if b"\0" in raw:
-                raise binary(file)
+                raise binary_error(file)
             text = raw.decode("utf-8", errors="replace")  # newlines translated, as a file opened as text reads
             text = text.replace("\r\n", "\n").replace("\r", "\n")
             if text.strip():
@@ -123,14 +132,14 @@ def json_lines(file, text_field):
         fh = gzip.open(raw) if file.endswith(".gz") else raw
         try:
             if b"\0" in fh.peek(1 << 16)[:1 << 16]:
-                raise binary(file)
+                raise binary_error(file)
             for i, line in enumerate(fh, 1):
                 if line.strip():
                     try:
                         text = json.loads(line)[text_field]
                         if not isinstance(text, str):
                             raise TypeError(f"{type(text).__name__}, not a string")
-                    except (ValueError, KeyError, TypeError, IndexError) as e:
+                    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
                         raise ValueError(f"{file} line {i}: needs a JSON object with a {text_field!r} string "
                                          f"field ({e!r}); name it with --text-field") from e
                     yield text, raw.tell()
@@ -280,14 +289,16 @@ class Windows:
         """(window indices, depth) of micro-batch `micro` of optimiser step `step` on process `rank`: a
         function of (seed, step, micro) alone, so a resumed run sees exactly the batches it would have."""
         first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
-        epoch, offset = divmod(first, self.n)
-        if self.order[0] != (cfg.seed, epoch):  # a permutation per epoch, kept while the epoch lasts
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-            self.order = ((cfg.seed, epoch), perm.tolist())
-        order = self.order[1]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
         depth = cfg.depths[torch.randint(len(cfg.depths), (), generator=g).item()]
-        return [order[(offset + j) % self.n] for j in range(cfg.batch_size)], depth
+        return [self.window(cfg.seed, *divmod(i, self.n)) for i in range(first, first + cfg.batch_size)], depth
+
+    def window(self, seed: int, epoch: int, i: int) -> int:
+        """The i-th window of an epoch: a permutation per (seed, epoch), kept while the epoch lasts."""
+        if self.order[0] != (seed, epoch):
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            self.order = ((seed, epoch), perm.tolist())
+        return self.order[1][i]
 
     def spread(self, count: int):
         """`count` fixed windows spread over the whole stream: the evaluation set."""
@@ -306,7 +317,7 @@ class Windows:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, ("model", "data", "held_out", "text_field"))
     p.add_argument("--cache", default=CACHE, help="where the token files go (default: the repository's cache/)")
     a = p.parse_args(argv)

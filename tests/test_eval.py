@@ -159,7 +159,7 @@ def test_seed_by_seed_signs_in_the_table():
         losses = {"t+1": {"1": [loss] * 4}}
         return {"variant": variant, "seed": seed, "train": losses, "held_out": losses}
     ref = {"t+1": {"full": [2.0] * 4, "pruned": [7.0] * 4}}
-    result = {"model": "m", "split": "1 + [1] + 1", "windows": 4, "seq_len": 8, "depths": [1],
+    result = {"model": "m", "split": "1 + [1] + 1", "windows": {"train": 4, "held_out": 4}, "seq_len": 8, "depths": [1],
               "reference": {"train": ref, "held_out": ref},
               "runs": [run("a", 0, 5.0), run("a", 1, 5.3), run("a", 2, 4.0),  # a's seed 2 has no partner in b
                        run("b", 0, 5.1), run("b", 1, 5.2), run("c", 0, 9.0)]}

@@ -32,8 +32,9 @@ def test_every_setting_is_a_flag_with_its_help_and_range():
     assert flags["variant"].choices == ("controller", "static", "none")
 
 
-def test_a_runs_config_json_gives_back_its_settings(tmp_path):
-    cfg = settings({"out": str(tmp_path), "rank": 8, "depths": "1,3", "data": ["a.txt"], "variant": "static"})
+def test_a_runs_config_json_gives_back_its_settings(setup, tmp_path):
+    cfg = settings({"model": setup[0], "out": str(tmp_path), "rank": 8, "depths": "1,3", "data": ["a.txt"],
+                    "variant": "static"})
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     assert read_settings(str(tmp_path)) == cfg and cfg.depths == (1, 3) and cfg.ouroboros.rank == 8
     bad = dict(dataclasses.asdict(cfg), clip=-1.0)

@@ -269,7 +269,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatc
         train.main(train_args(setup, str(out), "--steps", "5"))
     log = capsys.readouterr().out
     assert "could not save" in log and "holds step 2; training goes on" in log and "step     5/5  loss" in log
-    assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "config.json"]  # no .tmp left behind
+    assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "config.json", "lock"]  # no .tmp left behind
     assert open(out / "checkpoint.safetensors", "rb").read() == saved[2]
     assert json.load(open(out / "config.json"))["warmup"] == 0
 
