@@ -13,7 +13,7 @@ Rows
     bare layer (forward + backward)
  4. torch.compile of the recurrent step, on vs off
  5-6. the data pipeline's memory and speed: bench_data.py
- 7. decoding one token at 512 tokens of context, depth 8, batch 1: KV cache (kvcache.KVCache) vs
+ 7. decoding one token at 512 tokens of context, depth 8, batch 1: KV cache (decode.KVCache) vs
     recomputing the whole sequence; the cache's memory per token
  8. prefill of a 512-token prompt into the cache vs the plain forward of the same tokens
  9. eval.py's per-window losses at depths 1, 4, 8, 16: one pass (the loop once, the coda reading out
@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from controller import TARGETS
+from decode import decode, new_cache
 from eval import per_window
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection
 
@@ -307,17 +308,17 @@ def rows_decode(device, dtype, reps, context=512, depth=8):
     model = random_ouroboros(SMOLLM2, dtype, device).eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     ids = torch.randint(0, SMOLLM2["vocab_size"], (1, context + 1), device=device)
-    cache = model.new_cache(1, context + 1, depth)
+    cache = new_cache(model, 1, context + 1, depth)
 
     def cached():  # the last token, after `context` cached ones: rewinding the position and the
         cache.pos, cache.sums = context, list(sums)  # controller's running sums makes every call the same
-        return model.decode(ids[:, -1:], cache)[0]
+        return decode(model, ids[:, -1:], cache)[0]
 
     def prefill():
-        return model.decode(ids[:, :-1], model.new_cache(1, context + 1, depth))[0]
+        return decode(model, ids[:, :-1], new_cache(model, 1, context + 1, depth))[0]
 
     with torch.no_grad(), autocast:
-        model.decode(ids[:, :-1], cache)
+        decode(model, ids[:, :-1], cache)
         sums = list(cache.sums)  # running_sum replaces the tensors, so a copy of the list keeps them
         delta = (cached()[0, -1].float() - model(ids, depth)[0, -1].float()).abs().max().item()
         t_cached, t_full = timed([cached, lambda: model(ids, depth)], device, reps)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from data import SIDES as SPLITS, Windows, load_splits
+from decode import decode, new_cache
 from load_qwen import load_config, load_model, load_ouroboros
 from report import adaptive_markdown, adaptive_plot, markdown, plot, summary
 from run import (ROOT, SETTINGS, Parser, add_flags, cli, depth_list, load_run, placement, read_settings, values,
@@ -176,11 +177,11 @@ def decoded_loss(model, windows: Windows, n: int, depth: int, exit, autocast):
     one token reads every weight, so the windows share that cost."""
     device = model.base.embed_tokens.weight.device
     x, y = windows.batch(windows.spread(n), device)
-    cache = model.new_cache(len(x), x.shape[1], depth)
+    cache = new_cache(model, len(x), x.shape[1], depth)
     loss = steps = 0.0
     for t in range(x.shape[1]):
         with autocast:
-            logits, s = model.decode(x[:, t:t + 1], cache, exit)
+            logits, s = decode(model, x[:, t:t + 1], cache, exit)
         loss += F.cross_entropy(logits[:, 0].float(), y[:, t], reduction="sum").item()
         steps += s.sum().item()
     return loss / y.numel(), steps / y.numel()

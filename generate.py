@@ -6,7 +6,7 @@
     python generate.py --run runs/controller-causal-s0 --prompt "..." --exit latent-diff 0.05
     python generate.py --run runs/controller-causal-s0 --pruned --prompt "..."
 
-Decoding is cached (kvcache.KVCache): the prompt in one pass, then one token at a time, computing the
+Decoding is cached (decode.py): the prompt in one pass, then one token at a time, computing the
 same logits as the full forward (tests/test_decode.py). --no-cache recomputes the whole sequence for
 every token. --exit lets each token stop looping once the criterion falls below the threshold.
 """
@@ -19,7 +19,7 @@ import time
 import torch
 
 from load_qwen import default_model, load_config, load_model, load_tokenizer
-from model import EXITS
+from decode import EXITS, decode, new_cache
 from run import Parser, add_flags, cli, load_run, placement, read_settings
 
 DEPTH = 8  # recurrent steps per token unless --depth says
@@ -42,11 +42,11 @@ def pick_token(logits, temperature: float, top_k: int, top_p: float, generator):
 
 
 @torch.no_grad()
-def generate(decode, prompt, max_new_tokens: int, pick, eos=()):
-    """decode(ids [1, T]) -> (logits [1, T, V], recurrent steps [1, T]) continues the sequence so far.
+def generate(advance, prompt, max_new_tokens: int, pick, eos=()):
+    """advance(ids [1, T]) -> (logits [1, T, V], recurrent steps [1, T]) continues the sequence so far.
     Returns (new token ids, the steps run at the position that predicted each, prefill s, decode s)."""
     t0 = time.perf_counter()
-    logits, steps = decode(prompt)
+    logits, steps = advance(prompt)
     prefill = time.perf_counter() - t0
     tokens, depths = [], []
     for i in range(max_new_tokens):
@@ -55,12 +55,12 @@ def generate(decode, prompt, max_new_tokens: int, pick, eos=()):
         depths.append(steps[0, -1].item())
         if tokens[-1] in eos or i == max_new_tokens - 1:
             break
-        logits, steps = decode(nxt)
+        logits, steps = advance(nxt)
     return tokens, depths, prefill, time.perf_counter() - t0 - prefill
 
 
 def decoder(model, a, max_len: int, exit=None):
-    """decode(new ids) -> (logits, recurrent steps per token) for generate(): through a KV cache, or
+    """advance(new ids) -> (logits, recurrent steps per token) for generate(): through a KV cache, or
     recomputing the whole sequence for every token (--no-cache)."""
     if a.no_cache:
         forward, steps = ((model, 0) if a.run is None else (model.pruned, 1) if a.pruned
@@ -72,13 +72,13 @@ def decoder(model, a, max_len: int, exit=None):
             return forward(torch.cat(seq, dim=1))[:, -ids.shape[1]:], torch.full_like(ids, steps)
         return recompute
     if a.run is None:  # the full model: no loop, 0 recurrent steps
-        cache = model.new_cache(1, max_len)
+        cache = new_cache(model, 1, max_len)
         return lambda ids: (model(ids, cache=cache), torch.zeros_like(ids))
     if a.pruned:
-        cache = model.new_cache(1, max_len, depth=1)
+        cache = new_cache(model, 1, max_len, 1)
         return lambda ids: (model.pruned(ids, cache=cache), torch.ones_like(ids))
-    cache = model.new_cache(1, max_len, a.depth)
-    return lambda ids: model.decode(ids, cache, exit)
+    cache = new_cache(model, 1, max_len, a.depth)
+    return lambda ids: decode(model, ids, cache, exit)
 
 
 def check(a):
@@ -158,13 +158,13 @@ def main(argv=None):
     prompt = torch.tensor([tok.encode(a.prompt).ids], device=device)
     new = room(prompt.shape[1], a.max_new_tokens, config.max_position_embeddings)
     model = load_run(a.run, dtype, device, config)[0] if run else load_model(model_dir, dtype, device, config=config)
-    decode = decoder(model, a, prompt.shape[1] + new, exit)
+    advance = decoder(model, a, prompt.shape[1] + new, exit)
     gen = torch.Generator(device).manual_seed(a.seed)
     pick = lambda logits: pick_token(logits, a.temperature, a.top_k, a.top_p, gen)
     eos = config.eos_token_id
     with autocast:
         stops = {eos} if isinstance(eos, int) else set(eos or [])
-        tokens, depths, prefill, dt = generate(decode, prompt, new, pick, stops)
+        tokens, depths, prefill, dt = generate(advance, prompt, new, pick, stops)
     speed = (len(tokens) - 1) / dt if len(tokens) > 1 else float("nan")  # forward passes after the prefill
     if a.json:
         print(json.dumps({"prompt_ids": prompt[0].tolist(), "ids": tokens, "depths": depths,

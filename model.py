@@ -2,8 +2,8 @@
 
 Part 1, the pretrained decoder, computes the same function as transformers' Qwen2ForCausalLM and
 LlamaForCausalLM (tests/test_parity.py). Part 2 prunes it to prelude + one recurrent layer + coda and
-loops the recurrent layer under a controller (arXiv 2604.02051). Both decode through a KVCache, Part 2
-with an optional exit per token.
+loops the recurrent layer under a controller (arXiv 2604.02051). Both decode through a cache
+(decode.py), Part 2 with an optional exit per token.
 """
 from dataclasses import dataclass, field
 
@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from controller import Controller, Gate, StaticDiagonals, StepNorm, SVDLoRA
-from kvcache import KVCache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,10 +149,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def rope(self, T: int, like: torch.Tensor, cache=None):
-        """cos/sin for the T positions after the cache's (from 0 without one)."""
-        start = 0 if cache is None else cache.pos
-        cos, sin = rope_cos_sin(self.config, start + T, like.device, like.dtype)
-        return cos[start:], sin[start:]
+        """cos/sin for the T positions after the cache's (the cache holds its tables; from 0 without one)."""
+        return rope_cos_sin(self.config, T, like.device, like.dtype) if cache is None else cache.rope(T)
 
     def forward(self, input_ids, labels=None, cache=None):
         """input_ids [B, T] -> logits [B, T, vocab], running every layer this model holds.
@@ -166,9 +163,6 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += input_ids.shape[1]
         return self.head(x, labels)
-
-    def new_cache(self, batch: int, max_len: int):
-        return KVCache(self.config, len(self.layers), batch, max_len, self.embed_tokens.weight)
 
     def head(self, x, labels=None):
         """Final norm, then logits; with labels [B, T] (aligned with the inputs) their mean loss instead."""
@@ -331,47 +325,6 @@ class Ouroboros(nn.Module):
         x = self.recurrent(x, cos, sin, cache=cache, slot=len(self.prelude_ids))
         return self.coda_head(x, cos, sin, labels, cache)
 
-    def new_cache(self, batch: int, max_len: int, depth: int) -> KVCache:
-        """The decoding state for `depth` recurrent steps (the most any token will run)."""
-        self.check_depth(depth)
-        slots = len(self.prelude_ids) + depth + len(self.coda_ids)
-        return KVCache(self.base.config, slots, batch, max_len, self.base.embed_tokens.weight, steps=depth)
-
-    def decode(self, input_ids, cache: KVCache, exit=None):
-        """Cached decoding of input_ids [B, T], which follow the cache's positions (the prompt, then a
-        token at a time) -> (logits [B, T, V], the recurrent steps each token ran).
-
-        exit = (criterion in EXITS, threshold): a token stops after the first step whose criterion falls
-        below the threshold. For every later step k it counts as if its state had stayed h_e: step k's
-        slot gets the K/V of its last computed step (as Huginn and Ouro fill them), and h_e enters step
-        k's running sum. In a batch its later steps are computed and discarded while other rows run on;
-        with an exit, a chunk of several tokens is decoded one token at a time."""
-        if isinstance(self.diagonals, Controller) and self.diagonals.pool == "mean":
-            raise ValueError("this run's controller pools over the whole sequence (pool='mean': it sees the future), "
-                             "so each new token would change the diagonals before it: no cache; use --no-cache")
-        if exit is not None and input_ids.shape[1] > 1:  # a stopped token's K/V are carried only after the
-            # step, so later tokens of the same chunk would attend to K/V it never computed
-            out = [self.decode(input_ids[:, t:t + 1], cache, exit) for t in range(input_ids.shape[1])]
-            return torch.cat([o[0] for o in out], 1), torch.cat([o[1] for o in out], 1)
-        depth, P = len(cache.sums), len(self.prelude_ids)
-        x, cos, sin = self.embed_prelude(input_ids, cache)
-        stopped = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        steps = torch.full(input_ids.shape, depth, device=input_ids.device)
-        for k in range(depth):
-            if exit is not None and stopped.all():  # nothing left to compute: carry every token forward
-                cache.carry(P + k, stopped)
-                cache.running_sum(k, x)
-                continue
-            h = self.step(x, k, cos, sin, cache)
-            if exit is not None:
-                cache.carry(P + k, stopped)
-                h = torch.where(stopped[..., None], x, h)
-                stop = ~stopped & (EXITS[exit[0]](x, h) < exit[1])
-                steps[stop] = k + 1
-                stopped |= stop
-            x = h
-        return self.coda_head(x, cos, sin, None, cache), steps
-
     def embed_prelude(self, input_ids, cache=None):
         x = self.base.embed_tokens(input_ids)
         cos, sin = self.base.rope(input_ids.shape[1], x, cache)
@@ -389,12 +342,3 @@ class Ouroboros(nn.Module):
 
     def coda_head(self, x, cos, sin, labels, cache=None):
         return self.base.head(self.coda(x, cos, sin, cache), labels)
-
-
-def latent_diff(h_old, h):
-    """Huginn's exit criterion: the relative change of the state, ||h_k - h_{k-1}|| / ||h_k||, per token."""
-    h_old, h = h_old.float(), h.float()
-    return (h - h_old).norm(dim=-1) / h.norm(dim=-1)
-
-
-EXITS = {"latent-diff": latent_diff}

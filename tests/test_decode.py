@@ -11,7 +11,7 @@ import generate
 import train
 from conftest import make_checkpoint, make_corpus, make_model_folder, ouroboros, randomise_trainable
 from load_qwen import load_model
-from model import latent_diff
+from decode import decode, latent_diff, new_cache
 
 SPLIT = dict(prelude=2, recurrent=3, coda=2)  # of 7 layers
 TOL = 1e-4
@@ -46,9 +46,9 @@ def test_cached_decoding_gives_the_full_forward_logits(ckpt, variant, gate):
     with torch.no_grad():
         want = model(x, depth=depth)
         assert (want - model(x, depth=depth - 1)).abs().max() > 1e-2  # the steps matter: a missing one shows
-        one_go, steps = model.decode(x, model.new_cache(2, 20, depth))
-        cache = model.new_cache(2, 20, depth)
-        pieces, steps_pieces = chunked(lambda t: model.decode(t, cache), x, cuts=[7, 12])  # prompt, chunk, tokens
+        one_go, steps = decode(model, x, new_cache(model, 2, 20, depth))
+        cache = new_cache(model, 2, 20, depth)
+        pieces, steps_pieces = chunked(lambda t: decode(model, t, cache), x, cuts=[7, 12])  # prompt, chunk, tokens
     assert (one_go - want).abs().max() <= TOL
     assert (pieces - want).abs().max() <= TOL
     assert steps.eq(depth).all() and steps_pieces.eq(depth).all() and cache.pos == 20
@@ -59,7 +59,7 @@ def test_full_model_cached_decoding(ckpt):
     x = ids(2, 20)
     with torch.no_grad():
         want = model(x)
-        cache = model.new_cache(2, 20)
+        cache = new_cache(model, 2, 20)
         got, = chunked(lambda t: (model(t, cache=cache),), x, cuts=[5])
     assert (got - want).abs().max() <= TOL
 
@@ -69,7 +69,7 @@ def test_pruned_cached_decoding(ckpt):
     x = ids(1, 16)
     with torch.no_grad():
         want = model.pruned(x)
-        cache = model.new_cache(1, 16, depth=1)
+        cache = new_cache(model, 1, 16, depth=1)
         got, = chunked(lambda t: (model.pruned(t, cache=cache),), x, cuts=[4])
     assert (got - want).abs().max() <= TOL
 
@@ -77,15 +77,15 @@ def test_pruned_cached_decoding(ckpt):
 def test_cache_size_overflow_and_mean_pool_refused(ckpt):
     model = ouroboros(ckpt, **SPLIT)
     # K and V, (2 prelude + 2 steps + 2 coda) slots, 2 KV heads of 16, fp32
-    assert model.new_cache(1, 8, 2).bytes_per_token() == 2 * 6 * 2 * 16 * 4
+    assert new_cache(model, 1, 8, 2).bytes_per_token() == 2 * 6 * 2 * 16 * 4
     with pytest.raises(ValueError, match="do not fit a cache of 8"):
-        model.decode(ids(1, 9), model.new_cache(1, 8, 2))
+        decode(model, ids(1, 9), new_cache(model, 1, 8, 2))
     mean = ouroboros(ckpt, **SPLIT, pool="mean")
     with pytest.raises(ValueError, match="sees the future.*--no-cache"):
-        mean.decode(ids(1, 8), mean.new_cache(1, 8, 2))
+        decode(mean, ids(1, 8), new_cache(mean, 1, 8, 2))
     x = ids(1, 8)  # the pruned baseline never calls the controller: it decodes a mean-pool run
     with torch.no_grad():
-        assert (mean.pruned(x, cache=mean.new_cache(1, 8, depth=1)) - mean.pruned(x)).abs().max() <= TOL
+        assert (mean.pruned(x, cache=new_cache(mean, 1, 8, depth=1)) - mean.pruned(x)).abs().max() <= TOL
 
 
 def options(**kw):
@@ -106,10 +106,10 @@ def test_exit_that_never_fires_is_fixed_depth_and_one_that_always_fires_is_depth
     model = ouroboros(ckpt, **SPLIT)
     randomise_trainable(model, scale=0.1)
     x = ids(2, 12)
-    never, always = model.new_cache(2, 12, 3), model.new_cache(2, 12, 3)
+    never, always = new_cache(model, 2, 12, 3), new_cache(model, 2, 12, 3)
     with torch.no_grad():
-        got_never, s_never = chunked(lambda t: model.decode(t, never, ("latent-diff", 0.0)), x, cuts=[5])
-        got_always, s_always = chunked(lambda t: model.decode(t, always, ("latent-diff", float("inf"))), x, cuts=[5])
+        got_never, s_never = chunked(lambda t: decode(model, t, never, ("latent-diff", 0.0)), x, cuts=[5])
+        got_always, s_always = chunked(lambda t: decode(model, t, always, ("latent-diff", float("inf"))), x, cuts=[5])
         fixed, one = model(x, depth=3), model(x, depth=1)
     assert (got_never - fixed).abs().max() <= TOL and s_never.eq(3).all()
     # every token stops after step 1: nothing after it is computed, and the logits are depth 1's
@@ -128,17 +128,17 @@ def test_adaptive_depth_per_row_in_a_batch_is_per_sequence_decoding(ckpt):
         h, cos, sin = model.embed_prelude(x)
         threshold = latent_diff(h, model.step(h, 0, cos, sin)).median().item()  # about half stop after step 1
         exit = ("latent-diff", threshold)
-        cache = model.new_cache(3, 14, depth)
-        batch, steps = chunked(lambda t: model.decode(t, cache, exit), x, cuts=[1])
+        cache = new_cache(model, 3, 14, depth)
+        batch, steps = chunked(lambda t: decode(model, t, cache, exit), x, cuts=[1])
         for b in range(3):
-            alone = model.new_cache(1, 14, depth)
-            logits, s = chunked(lambda t: model.decode(t, alone, exit), x[b:b + 1], cuts=[1])
+            alone = new_cache(model, 1, 14, depth)
+            logits, s = chunked(lambda t: decode(model, t, alone, exit), x[b:b + 1], cuts=[1])
             assert (logits[0] - batch[b]).abs().max() <= 1e-5 and torch.equal(s[0], steps[b])
     assert steps.min() == 1 and steps.max() > 1
     for cuts in ([14], [6]):  # a whole chunk with exits, the prompt included, is token-by-token decoding
-        whole = model.new_cache(3, 14, depth)
+        whole = new_cache(model, 3, 14, depth)
         with torch.no_grad():
-            got, s = chunked(lambda t: model.decode(t, whole, exit), x, cuts=cuts)
+            got, s = chunked(lambda t: decode(model, t, whole, exit), x, cuts=cuts)
         assert (got - batch).abs().max() <= TOL and torch.equal(s, steps)
     for b, t in (steps < depth).nonzero().tolist():
         e = steps[b, t].item()
