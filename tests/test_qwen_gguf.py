@@ -160,8 +160,8 @@ def test_joined_parts_are_kept_only_with_the_right_size_and_hash(tmp_path):
 
 
 def test_qwen_set_up_refuses_missing_wheels_and_a_wrong_file(tmp_path, monkeypatch):
-    """--qwen without the wheels names the command that installs them; a .gguf left in cache/ that is not the
-    release is refused before any conversion, and nothing is written."""
+    """--qwen without the wheels names the command that installs them, also when only the .gguf is gone; a .gguf
+    left in cache/ that is not the release is refused before any conversion, and nothing is written."""
     for name, value in (("CACHE", str(tmp_path)), ("QWEN_GGUF", str(tmp_path / "q.gguf")),
                         ("QWEN_MODEL", str(tmp_path / "Qwen")), ("QWEN_WHEELS", ["no-such-wheel-part1==0.9.0"])):
         monkeypatch.setattr(cg, name, value)
@@ -172,6 +172,11 @@ def test_qwen_set_up_refuses_missing_wheels_and_a_wrong_file(tmp_path, monkeypat
     with pytest.raises(ValueError, match="q.gguf is 400 bytes with sha256 .*: delete it and run bash setup.sh --qwen"):
         cg.main(["--qwen"])
     assert sorted(os.listdir(tmp_path)) == ["q.gguf"]
+    os.remove(tmp_path / "q.gguf")  # converted, but the oracle's .gguf deleted: it is joined again
+    os.makedirs(tmp_path / "Qwen")
+    (tmp_path / "Qwen" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no_such_wheel_part1 not installed"):
+        cg.main(["--qwen"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +186,8 @@ def test_qwen_set_up_refuses_missing_wheels_and_a_wrong_file(tmp_path, monkeypat
 def real():
     """(transformers' Qwen2ForCausalLM from the GGUF, its tokenizer): the oracle, loaded once (~1 min)."""
     if not (os.path.isfile(QWEN_GGUF) and os.path.isfile(os.path.join(QWEN_MODEL, "config.json"))):
-        pytest.skip(f"{QWEN_MODEL} is not set up: run bash setup.sh --qwen (or python scripts/convert_gguf.py --qwen)")
+        pytest.skip(f"Qwen2.5-Coder-0.5B-Instruct is not set up ({QWEN_GGUF} and its conversion): run bash setup.sh "
+                    "--qwen")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(QWEN_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
