@@ -181,15 +181,16 @@ def convert_gguf(gguf_file: str, out_dir: str) -> str:
     return out_dir
 
 
-def check_file(file: str, size: int, sha256: str, fix: str):
-    """Refuse `file` unless it has exactly this size and sha256; `fix` says how to get the right one."""
+def check_file(file: str, size: int, sha256: str, fix: str, label: str = ""):
+    """Refuse `file` (called `label` in the message) unless it has exactly this size and sha256; `fix` says how
+    to get the right one."""
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         while chunk := f.read(1 << 23):
             digest.update(chunk)
     if (os.path.getsize(file), digest.hexdigest()) != (size, sha256):
-        raise ValueError(f"{file} is {os.path.getsize(file):,} bytes with sha256 {digest.hexdigest()}, not the "
-                         f"expected {size:,} bytes with sha256 {sha256}: {fix}")
+        raise ValueError(f"{label or file} is {os.path.getsize(file):,} bytes with sha256 {digest.hexdigest()}, "
+                         f"not the expected {size:,} bytes with sha256 {sha256}: {fix}")
 
 
 def join_parts(parts: list, out: str, size: int, sha256: str, fix: str) -> str:
@@ -203,7 +204,7 @@ def join_parts(parts: list, out: str, size: int, sha256: str, fix: str) -> str:
                     raise OSError(f"{part} is missing: {fix}")
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, f, 1 << 23)
-        check_file(tmp, size, sha256, fix)
+        check_file(tmp, size, sha256, fix, f"the join of the {len(parts)} parts")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

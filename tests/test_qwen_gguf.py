@@ -148,7 +148,8 @@ def test_joined_parts_are_kept_only_with_the_right_size_and_hash(tmp_path):
             f.write(data)
     whole = b"".join(open(p, "rb").read() for p in parts)
     out, release = str(tmp_path / "joined.gguf"), (len(whole), hashlib.sha256(whole).hexdigest(), "reinstall")
-    with pytest.raises(ValueError, match="6,263 bytes with sha256 .*, not the expected 6,263 bytes.*: reinstall"):
+    with pytest.raises(ValueError, match="the join of the 3 parts is 6,263 bytes with sha256 .*, not the expected "
+                                         "6,263 bytes.*: reinstall"):
         join_parts(parts[::-1], out, *release)  # the right bytes in the wrong order
     with pytest.raises(ValueError, match="6,260 bytes"):
         join_parts(parts[:2], out, *release)  # a part short
