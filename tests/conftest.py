@@ -22,7 +22,7 @@ def make_checkpoint(path, arch="qwen2", max_shard_size=None, disk_dtype=torch.fl
     s = {**TINY, **{k: kw.pop(k) for k in list(kw) if k in TINY}}
     cfg = Config(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
                  num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                 tie_word_embeddings=s["tied"], rope_theta=10000.0, rms_norm_eps=1e-6, **kw)
+                 tie_word_embeddings=s["tied"], rope_theta=kw.pop("rope_theta", 10000.0), rms_norm_eps=1e-6, **kw)
     cfg._attn_implementation = "eager"  # the oracle: transformers' plain-matmul attention and mask
     torch.manual_seed(seed)
     model = Model(cfg).eval()
