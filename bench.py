@@ -13,9 +13,7 @@ Rows
     bare layer (forward + backward)
  4. torch.compile of the recurrent step, on vs off
  5-6. the data pipeline's memory and speed: bench_data.py
- 7. decoding one token at 512 tokens of context, depth 8, batch 1: KV cache (decode.KVCache) vs
-    recomputing the whole sequence; the cache's memory per token
- 8. prefill of a 512-token prompt into the cache vs the plain forward of the same tokens
+ 7-8, 10-13. decoding: bench_decode.py
  9. eval.py's per-window losses at depths 1, 4, 8, 16: one pass (the loop once, the coda reading out
     each depth) vs a forward per depth (8 windows of 256 tokens)
 """
@@ -30,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from controller import TARGETS
-from decode import decode, new_cache
 from eval import per_window
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection
 
@@ -304,34 +301,6 @@ def row_compile(device, dtype, reps):
             f"first compiled step {compile_s:.0f}s")
 
 
-def rows_decode(device, dtype, reps, context=512, depth=8):
-    model = random_ouroboros(SMOLLM2, dtype, device).eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    ids = torch.randint(0, SMOLLM2["vocab_size"], (1, context + 1), device=device)
-    cache = new_cache(model, 1, context + 1, depth)
-
-    def cached():  # the last token, after `context` cached ones: rewinding the position and the
-        cache.pos, cache.sums = context, list(sums)  # controller's running sums makes every call the same
-        return decode(model, ids[:, -1:], cache)[0]
-
-    def prefill():
-        return decode(model, ids[:, :-1], new_cache(model, 1, context + 1, depth))[0]
-
-    with torch.no_grad(), autocast:
-        decode(model, ids[:, :-1], cache)
-        sums = list(cache.sums)  # running_sum replaces the tensors, so a copy of the list keeps them
-        delta = (cached()[0, -1].float() - model(ids, depth)[0, -1].float()).abs().max().item()
-        t_cached, t_full = timed([cached, lambda: model(ids, depth)], device, reps)
-        t_prefill, t_forward = timed([prefill, lambda: model(ids[:, :-1], depth)], device, reps)
-    shape = f"SmolLM2 shape, 8 + [15] x {depth} + 8, batch 1, {dtype_name(dtype)}"
-    kib = cache.bytes_per_token() / 2**10
-    return [(f"7. decode one token after {context} of context, {shape}", f"{1 / t_cached:,.1f} tok/s KV cache",
-             f"{1 / t_full:,.2f} tok/s recomputing the sequence", t_full / t_cached,
-             f"KV cache {kib:.1f} KiB per token ({len(cache.k)} slots); max|dlogits| vs the full forward {delta:.1e}"),
-            (f"8. prefill {context} tokens, {shape}", f"{context / t_prefill:,.0f} tok/s into the cache",
-             f"{context / t_forward:,.0f} tok/s plain forward", t_forward / t_prefill, "")]
-
-
 def row_readout(device, dtype, reps, depths=(1, 4, 8, 16), batch=8, T=256):
     model = random_ouroboros(SMOLLM2, dtype, device).eval()
     ids, labels = (torch.randint(0, SMOLLM2["vocab_size"], (batch, T), device=device) for _ in range(2))
@@ -384,9 +353,6 @@ def main():
         skipped.append("row 4: --skip-compile")
     if not gpu:
         skipped.append("bf16 rows and MFU against the H100 peak: no CUDA GPU here")
-    rows += rows_decode(cpu, torch.float32, reps)
-    if gpu:
-        rows += rows_decode(gpu, torch.bfloat16, reps)
     rows.append(row_readout(gpu or cpu, torch.bfloat16 if gpu else torch.float32, reps))
 
     print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")

@@ -8,6 +8,9 @@
 #
 #   bash compare.sh          # 6 trained variants x seeds 0, 1, 2 -> results/compare  (~2 h on 2 CPU cores)
 #   bash compare.sh ranks    # controller and static at rank 8 and 64, seed 0 -> results/ranks  (~30 min more)
+#   bash compare.sh exits    # every step decodable, two ways, seed 0, and their exit heads -> results/exits
+#   bash compare.sh qwen     # controller and static on Qwen2.5-Coder-0.5B, seeds 0, 1 -> results/qwen
+#                            # (bash setup.sh --qwen first)
 #
 # The tables are rewritten after every run, so results/ holds whatever has finished.
 set -euo pipefail
@@ -15,6 +18,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-.venv/bin/python}
 RUNS=runs/compare
 EVAL=(--depths 1,4,8,16 --windows 48)
+MODEL=()  # the default model and layer split
 
 flags() {  # the train.py flags of a variant
     case $1 in
@@ -24,6 +28,8 @@ flags() {  # the train.py flags of a variant
         gate+norm) echo --variant none ;;
         controller-causal-nogate) echo --variant controller --no-gate ;;
         controller-causal-t+2) echo --variant controller --label-offset 2 ;;
+        every-uniform) echo --variant controller --depths 1,2,3,4,5,6,7,8 ;;  # a depth drawn per batch
+        every-readout) echo --variant controller --depths 8 --readout every ;;  # the mean over all 8 readouts
     esac
 }
 
@@ -36,7 +42,7 @@ run() {  # run VARIANT SEED [RANK]: train runs/compare/VARIANT[-rRANK]-sSEED unl
     # tee -i: a Ctrl-C reaches train.py, which saves the step it is in, but not the log writer. The log lies
     # beside the run: train.py writes only into a new or empty folder, or a run of its own.
     "$PY" train.py --out "$out" --steps 30 --warmup 10 --eval-interval 30 --eval-windows 8 --no-final-eval \
-        $(flags "$variant") --seed "$seed" --rank "$rank" $resume 2>&1 | tee -ia "$out.log"
+        $(flags "$variant") --seed "$seed" --rank "$rank" "${MODEL[@]}" $resume 2>&1 | tee -ia "$out.log"
     touch "$out/trained"
 }
 
@@ -54,7 +60,26 @@ table() {  # table OUT AGAINST NAMES...: the finished runs among NAMES into OUT,
     "$PY" eval.py --run "${runs[@]}" "${EVAL[@]}" --against "${against#,}" --out "$out" > /dev/null
 }
 
-if [ "${1:-}" = ranks ]; then  # beside rank 32 (seeds 0, 1, 2 of the main comparison)
+if [ "${1:-}" = qwen ]; then  # the paper's family: 5 + [12] + 5 of Qwen2.5's 24 layers, its 17 of 36's share
+    RUNS=runs/qwen
+    MODEL=(--model cache/Qwen2.5-Coder-0.5B-Instruct --prelude 5 --recurrent 12 --coda 5)
+    EVAL=(--depths 1,4,8 --windows 32)
+    names=()
+    for seed in 0 1; do
+        for v in static controller-causal; do
+            run $v $seed
+            names+=($v-s$seed)
+            table results/qwen static,pruned "${names[@]}"
+        done
+    done
+elif [ "${1:-}" = exits ]; then  # which way of training makes every step decodable, and what an exit wins
+    for v in every-uniform every-readout; do
+        run $v 0
+        [ -f "$RUNS/$v-s0/exit.safetensors" ] || "$PY" exits.py --run "$RUNS/$v-s0"
+        "$PY" eval.py --run "$RUNS/$v-s0" --depths 8 --windows 16 --adaptive 0.02,0.03,0.05,0.07,0.1,0.15 \
+            --out "results/exits/$v" > /dev/null
+    done
+elif [ "${1:-}" = ranks ]; then  # beside rank 32 (seeds 0, 1, 2 of the main comparison)
     names=()
     for v in static controller-causal; do
         for seed in 0 1 2; do run $v $seed; names+=($v-s$seed); done

@@ -99,6 +99,23 @@ class StaticDiagonals(nn.Module):
         return {t: self.table[step, i] for i, t in enumerate(TARGETS)}
 
 
+class ExitHead(nn.Module):
+    """The learned exit: after step k, lambda_k = sigmoid(w . [rms(h_k); log ||h_k - h_{k-1}|| / ||h_k||; e_k] + b),
+    the chance that stopping here reads out within epsilon of the deepest step's loss (its training label).
+    It is trained after the controller with everything else frozen (Ouro's second stage): exits.py."""
+
+    def __init__(self, dim: int, max_steps: int, width: int = 16):
+        super().__init__()
+        self.step_embed = nn.Embedding(max_steps, width)  # e_k
+        self.proj = nn.Linear(dim + 1 + width, 1)         # w, b
+
+    def forward(self, h_old, h, step: int):
+        h_old, h = h_old.float(), h.float()
+        change = ((h - h_old).norm(dim=-1) / h.norm(dim=-1)).clamp_min(1e-12).log()  # Huginn's criterion, as a feature
+        e = self.step_embed.weight[step].expand(*h.shape[:-1], -1)
+        return torch.sigmoid(self.proj(torch.cat([F.rms_norm(h, h.shape[-1:]), change[..., None], e], -1))).squeeze(-1)
+
+
 class Gate(nn.Module):
     """h = g * h_new + (1 - g) * h_old, g = sigmoid(W [h_new; h_old] + b).
 

@@ -99,7 +99,7 @@ def decode(model: Ouroboros, input_ids, cache: KVCache, exit=None):
         if exit is not None:
             cache.carry(P + k, stopped)
             h = torch.where(stopped[..., None], x, h)
-            stop = ~stopped & (EXITS[exit[0]](x, h) < exit[1])
+            stop = ~stopped & (EXITS[exit[0]](model, x, h, k) < exit[1])
             steps[stop] = k + 1
             stopped |= stop
         x = h
@@ -112,4 +112,13 @@ def latent_diff(h_old, h):
     return (h - h_old).norm(dim=-1) / h.norm(dim=-1)
 
 
-EXITS = {"latent-diff": latent_diff}
+def learned(model, h_old, h, k: int):
+    """1 - lambda_k of the run's trained exit head (controller.ExitHead): a token stops once lambda_k
+    exceeds 1 - threshold."""
+    if getattr(model, "exit_head", None) is None:
+        raise ValueError("this run has no exit head: train one with python exits.py --run RUN")
+    return 1 - model.exit_head(h_old, h, k)
+
+
+# criterion(model, state before step k, state after it, k) per token: it stops below the threshold
+EXITS = {"latent-diff": lambda model, h_old, h, k: latent_diff(h_old, h), "learned": learned}

@@ -23,15 +23,15 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from data import SIDES as SPLITS, Windows, load_splits
-from decode import decode, new_cache
+from exits import evaluate_adaptive
 from load_qwen import load_config, load_model, load_ouroboros
 from report import adaptive_markdown, adaptive_plot, markdown, plot, summary
 from run import (ROOT, SETTINGS, Parser, add_flags, cli, depth_list, load_run, placement, read_settings, values,
                  variant, write_atomic)
 DEPTHS = [1, 4, 8]  # --depths unless given
+LEARNED = "0.1,0.2,0.3,0.4,0.5,0.6,0.7"  # --learned unless given
 TABLE = [n for n, f in SETTINGS.items() if f.metadata.get("scope") == "table"]  # every run of a table shares these
 VARIANT = [n for n, f in SETTINGS.items() if f.metadata.get("scope") == "variant"]  # and a variant's seeds these
 
@@ -170,40 +170,6 @@ def run_losses(scorer: Scorer, run: str, cfg, depths, dtype) -> dict:
             for s in SPLITS}
 
 
-@torch.no_grad()
-def decoded_loss(model, windows: Windows, n: int, depth: int, exit, autocast):
-    """(loss, mean recurrent steps per token) of `n` windows decoded token by token through the KV
-    cache, teacher-forced: what decoding really does, each token's exit its own. One batch: decoding
-    one token reads every weight, so the windows share that cost."""
-    device = model.base.embed_tokens.weight.device
-    x, y = windows.batch(windows.spread(n), device)
-    cache = new_cache(model, len(x), x.shape[1], depth)
-    loss = steps = 0.0
-    for t in range(x.shape[1]):
-        with autocast:
-            logits, s = decode(model, x[:, t:t + 1], cache, exit)
-        loss += F.cross_entropy(logits[:, 0].float(), y[:, t], reduction="sum").item()
-        steps += s.sum().item()
-    return loss / y.numel(), steps / y.numel()
-
-
-def evaluate_adaptive(run, depths, thresholds, windows, device="auto", precision="auto"):
-    """The latent-diff exit on held-out text at each threshold, at most max(depths) steps, decoded
-    through the cache; next to the fixed depths (the plain forward: tests/test_decode.py shows the
-    cached decoder gives the same logits)."""
-    where, dtype, autocast = placement(device, precision)
-    model, cfg = load_run(run, dtype, where)
-    held = Windows(load_splits(cfg)[1], cfg.seq_len)
-    rows = [{"depth": d, "threshold": None, "steps": d, "loss": held.mean_loss(
-        lambda x, y: model(x, depth=d, labels=y), windows, cfg.batch_size, where, autocast)} for d in depths]
-    for th in thresholds:
-        loss, steps = decoded_loss(model, held, windows, max(depths), ("latent-diff", th), autocast)
-        rows.append({"depth": max(depths), "threshold": th, "steps": steps, "loss": loss})
-        print(f"latent-diff < {th:g}: loss {loss:.3f}, {steps:.2f} steps per token", file=sys.stderr, flush=True)
-    return {"run": run, "label": variant(cfg), "criterion": "latent-diff", "windows": len(held.spread(windows)),
-            "seq_len": cfg.seq_len, "rows": rows}
-
-
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", nargs="+", required=True, help="run folder(s) written by train.py")
@@ -215,8 +181,12 @@ def main(argv=None):
     add_flags(p, ("device", "precision"))
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     p.add_argument("--adaptive", default=None, metavar="THRESHOLDS",
-                   help="instead: adaptive depth (latent-diff exit) of the first run at these comma-separated "
-                        "thresholds, decoded through the KV cache, next to the fixed --depths (adaptive.md/.json/.png)")
+                   help="instead: adaptive depth of the first run up to the largest of --depths: the latent-diff exit "
+                        "at these comma-separated thresholds, decoded through the KV cache, beside every fixed depth "
+                        "and the oracle (adaptive.md/.json/.png)")
+    p.add_argument("--learned", default=LEARNED, metavar="THRESHOLDS",
+                   help=f"with --adaptive: the learned exit's thresholds on 1 - lambda (default {LEARNED}), when "
+                        "exits.py has trained the run's exit head")
     a = p.parse_args(argv)
     depths, thresholds = check(a)
     if a.adaptive is None:
@@ -224,7 +194,8 @@ def main(argv=None):
         result["summary"] = summary(result, a.against.split(","))
         stem, table, draw = "results", markdown(result), plot
     else:
-        result = evaluate_adaptive(a.run[0], depths, thresholds, a.windows, a.device, a.precision)
+        criteria = {"latent-diff": thresholds["latent-diff"], "learned": thresholds["learned"]}
+        result = evaluate_adaptive(a.run[0], max(depths), criteria, a.windows, a.device, a.precision)
         stem, table, draw = "adaptive", adaptive_markdown(result), adaptive_plot
     out = a.out or a.run[0]
     os.makedirs(out, exist_ok=True)
@@ -244,10 +215,13 @@ def check(a) -> tuple:
     if isinstance(depths, str) or not all(1 <= d <= most for d in depths):
         found.append(f"--depths {a.depths!r}: give comma-separated depths, each in 1..{most}, e.g. 4,8,16")
     if a.adaptive is not None:
-        try:
-            thresholds = [float(t) for t in a.adaptive.split(",")]
-        except ValueError:
-            found.append(f"--adaptive {a.adaptive!r}: give comma-separated numbers, e.g. 0.03,0.05,0.1")
+        thresholds = {}
+        for name, text in (("latent-diff", a.adaptive), ("learned", a.learned)):
+            try:
+                thresholds[name] = [float(t) for t in text.split(",")]
+            except ValueError:
+                found.append(f"--{'adaptive' if name == 'latent-diff' else 'learned'} {text!r}: give "
+                             "comma-separated numbers, e.g. 0.03,0.05,0.1")
         found += ["--adaptive measures one run: give a single --run"] * (len(a.run) > 1)
     if found:
         raise ValueError("; ".join(found))

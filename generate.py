@@ -20,6 +20,7 @@ import torch
 
 from load_qwen import default_model, load_config, load_model, load_tokenizer
 from decode import EXITS, decode, new_cache
+from exits import attach_exit_head
 from run import Parser, add_flags, cli, load_run, placement, read_settings
 
 DEPTH = 8  # recurrent steps per token unless --depth says
@@ -61,14 +62,19 @@ def generate(advance, prompt, max_new_tokens: int, pick, eos=()):
 
 def decoder(model, a, max_len: int, exit=None):
     """advance(new ids) -> (logits, recurrent steps per token) for generate(): through a KV cache, or
-    recomputing the whole sequence for every token (--no-cache)."""
+    recomputing the whole sequence for every token (--no-cache): by the plain forward, or with an exit
+    by decoding it all again from a fresh cache, the reference that carrying the cache is tested against."""
     if a.no_cache:
         forward, steps = ((model, 0) if a.run is None else (model.pruned, 1) if a.pruned
                           else (lambda ids: model(ids, a.depth), a.depth))
+        again = lambda ids: decode(model, ids, new_cache(model, 1, ids.shape[1], a.depth), exit)
         seq = []
 
         def recompute(ids):
             seq.append(ids)
+            if exit:
+                logits, ran = again(torch.cat(seq, dim=1))
+                return logits[:, -ids.shape[1]:], ran[:, -ids.shape[1]:]
             return forward(torch.cat(seq, dim=1))[:, -ids.shape[1]:], torch.full_like(ids, steps)
         return recompute
     if a.run is None:  # the full model: no loop, 0 recurrent steps
@@ -100,8 +106,6 @@ def check(a):
         if exit[0] not in EXITS or math.isnan(exit[1]):
             problems.append(f"--exit {a.exit[0]} {a.exit[1]}: give a criterion ({', '.join(EXITS)}) and a number, "
                             "e.g. --exit latent-diff 0.05")
-    if a.exit and a.no_cache:
-        problems.append("--exit decides per token while decoding with the cache: drop --no-cache")
     if a.max_new_tokens < 1 or a.top_k < 0 or not 0 <= a.temperature < math.inf or not 0 < a.top_p <= 1:
         problems.append(f"--max-new-tokens {a.max_new_tokens}, --temperature {a.temperature}, --top-k {a.top_k}, "
                         f"--top-p {a.top_p}: give --max-new-tokens >= 1, a finite --temperature >= 0, --top-k >= 0 "
@@ -157,7 +161,8 @@ def main(argv=None):
             raise ValueError(f"--depth {a.depth}: {a.run} has step norms for {run.ouroboros.max_steps} steps at most")
     prompt = torch.tensor([tok.encode(a.prompt).ids], device=device)
     new = room(prompt.shape[1], a.max_new_tokens, config.max_position_embeddings)
-    model = load_run(a.run, dtype, device, config)[0] if run else load_model(model_dir, dtype, device, config=config)
+    model = attach_exit_head(load_run(a.run, dtype, device, config)[0], a.run) if run else load_model(
+        model_dir, dtype, device, config=config)
     advance = decoder(model, a, prompt.shape[1] + new, exit)
     gen = torch.Generator(device).manual_seed(a.seed)
     pick = lambda logits: pick_token(logits, a.temperature, a.top_k, a.top_p, gen)

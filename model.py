@@ -290,9 +290,13 @@ class Ouroboros(nn.Module):
         h_new = self.step_norm(h_new, k)
         return self.gate(h_new, h) if self.gate is not None else h_new
 
-    def forward(self, input_ids, depth: int, labels=None):
-        """Logits [B, T, V], or the mean loss when labels (aligned with input_ids) are given."""
-        return self.base.head(self.readout(input_ids, [depth])[depth], labels)
+    def forward(self, input_ids, depth: int, labels=None, every: bool = False):
+        """Logits [B, T, V], or the mean loss when labels (aligned with input_ids) are given; every: the
+        mean of the losses read out after each step 1..depth, so that stopping after any step is trained."""
+        states = self.readout(input_ids, range(1, depth + 1) if every else [depth])
+        if labels is None:
+            return self.base.head(states[depth])
+        return sum(self.base.head(h, labels) for h in states.values()) / len(states)
 
     def readout(self, input_ids, depths) -> dict:
         """{depth: the coda's output after that many steps} for every depth, in one pass: the loop runs

@@ -12,40 +12,79 @@ from data import SIDES as SPLITS
 TITLES = {"train": "training distribution", "held_out": "held-out documents"}
 
 
+def calibrated(result, kind: str, tolerance: float):
+    """The threshold of `kind` chosen on the calibration documents: the fewest mean steps whose mean loss
+    is within `tolerance` of the deepest fixed depth's there (CALM-style); None if none is."""
+    rows = result["parts"]["calibration"]
+    deepest = np.mean(next(r for r in rows if r["kind"] == "fixed" and r["at"] == result["deepest"])["loss"])
+    good = [r for r in rows if r["kind"] == kind and np.mean(r["loss"]) <= deepest + tolerance]
+    return min(good, key=lambda r: np.mean(r["steps"]))["at"] if good else None
+
+
+def against_fixed(rows, row):
+    """The paired difference of a row's loss, window by window, to the fixed-depth curve at the same mean
+    steps (interpolated between the two depths around them): (mean, low, high)."""
+    fixed = {r["at"]: np.array(r["loss"]) for r in rows if r["kind"] == "fixed"}
+    s = min(max(np.mean(row["steps"]), min(fixed)), max(fixed))
+    lo, hi = int(np.floor(s)), int(np.ceil(s))
+    curve = fixed[lo] + (s - lo) * (fixed[hi] - fixed[lo])
+    return bootstrap(np.array(row["loss"]) - curve)
+
+
 def adaptive_markdown(result, tolerance=0.02) -> str:
-    deepest = max((r for r in result["rows"] if r["threshold"] is None), key=lambda r: r["depth"])
-    out = [f"`{result['run']}` ({result['label']}), held-out documents, {result['windows']} windows x "
-           f"{result['seq_len']} tokens; the exits decoded token by token through the KV cache (teacher-forced).", "",
-           "| decoding | mean recurrent steps per token | held-out loss |", "|---|---|---|"]
-    for r in result["rows"]:
-        what = (f"fixed depth {r['depth']}" if r["threshold"] is None
-                else f"{result['criterion']} < {r['threshold']:g}, at most {r['depth']}")
-        out.append(f"| {what} | {r['steps']:.2f} | {r['loss']:.3f} |")
-    close = [r for r in result["rows"] if r["threshold"] is not None and r["loss"] <= deepest["loss"] + tolerance]
-    if close:
-        best = min(close, key=lambda r: r["steps"])
-        out += ["", f"Within {tolerance} nats of fixed depth {deepest['depth']} ({deepest['loss']:.3f}): "
-                f"{best['steps']:.2f} steps per token ({100 * best['steps'] / deepest['depth']:.0f}% of "
-                f"{deepest['depth']}), at threshold {best['threshold']:g}."]
-    else:
-        out += ["", f"No threshold came within {tolerance} nats of fixed depth {deepest['depth']}."]
+    """The evaluation half: every row with its intervals, the thresholds chosen on the calibration half,
+    and whether the learned exit meets the goals (within `tolerance` of the deepest depth with at most
+    half its steps; below the fixed-depth curve at equal mean steps)."""
+    rows, D = result["parts"]["evaluation"], result["deepest"]
+    deepest = np.array(next(r for r in rows if r["kind"] == "fixed" and r["at"] == D)["loss"])
+    w = result["windows"]
+    out = [f"`{result['run']}` ({result['label']}): held-out documents in two halves, thresholds chosen on "
+           f"{w['calibration']} windows of one ({tolerance} nats over depth {D}) and scored on {w['evaluation']} "
+           f"windows x {result['seq_len']} tokens of the other; the exits decoded token by token through the KV "
+           "cache (teacher-forced), the oracle and fixed depths from every step's readout. [95% CI]: bootstrap "
+           "over windows.", "", f"| decoding | mean steps [95% CI] | loss [95% CI] | Δ vs depth {D} [95% CI] | "
+           "Δ vs fixed depths at equal steps [95% CI] |", "|---|---|---|---|---|"]
+    chosen = {k: calibrated(result, k, tolerance) for k in {r["kind"] for r in rows} - {"fixed", "oracle"}}
+    for r in rows:
+        what = {"fixed": f"fixed depth {r['at']}", "oracle": f"oracle, ε = {r['at']:g}"}.get(
+            r["kind"], f"{r['kind']} < {r['at']:g}" + (" (calibrated)" if chosen.get(r["kind"]) == r["at"] else ""))
+        cells = [bootstrap(r["steps"]), bootstrap(r["loss"]), bootstrap(np.array(r["loss"]) - deepest)]
+        curve = "-" if r["kind"] == "fixed" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*against_fixed(rows, r))
+        out.append(f"| {what} | {cells[0][0]:.2f} [{cells[0][1]:.2f}, {cells[0][2]:.2f}] | {cells[1][0]:.3f} "
+                   f"[{cells[1][1]:.3f}, {cells[1][2]:.3f}] | {cells[2][0]:+.3f} [{cells[2][1]:+.3f}, "
+                   f"{cells[2][2]:+.3f}] | {curve} |")
+    out.append("")
+    for kind, at in sorted(chosen.items()):
+        if at is None:
+            out.append(f"- {kind}: no threshold keeps the calibration loss within {tolerance} nats of depth {D}.")
+            continue
+        r = next(r for r in rows if r["kind"] == kind and r["at"] == at)
+        rise, steps = np.mean(r["loss"]) - deepest.mean(), np.mean(r["steps"])
+        below = sum(against_fixed(rows, q)[2] < 0 for q in rows if q["kind"] == kind)
+        out.append(f"- {kind}, calibrated threshold {at:g}: {steps:.2f} mean steps ({100 * steps / D:.0f}% of {D}), "
+                   f"loss {rise:+.3f} nats over depth {D} on the evaluation half; below the fixed-depth curve at "
+                   f"equal steps (interval under 0) at {below} of its thresholds.")
+    oracle = [r for r in rows if r["kind"] == "oracle"]
+    out.append("- oracle: " + ", ".join(f"ε {r['at']:g}: {np.mean(r['steps']):.2f} steps" for r in oracle)
+               + f", of {D}: no exit rule can do better at that ε.")
     return "\n".join(out)
 
 
 def adaptive_plot(result, file):
+    """Mean steps against loss on the evaluation half, with 95% intervals both ways, one line per kind."""
     plt = pyplot()
     if plt is None:
         return None
-    fixed = [r for r in result["rows"] if r["threshold"] is None]
-    exits = [r for r in result["rows"] if r["threshold"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["steps"] for r in fixed], [r["loss"] for r in fixed], "o-", label="fixed depth")
-    ax.plot([r["steps"] for r in exits], [r["loss"] for r in exits], "s--", label=result["criterion"] + " exit")
-    for r in exits:
-        ax.annotate(f"{r['threshold']:g}", (r["steps"], r["loss"]), fontsize=7, textcoords="offset points",
-                    xytext=(4, 4))
+    rows = result["parts"]["evaluation"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, style in (("fixed", "o-"), ("oracle", "^:"), ("latent-diff", "s--"), ("learned", "D-")):
+        rs = sorted((r for r in rows if r["kind"] == kind), key=lambda r: np.mean(r["steps"]))
+        if not rs:
+            continue
+        (xs, xl, xh), (ys, yl, yh) = (np.array([bootstrap(r[key]) for r in rs]).T for key in ("steps", "loss"))
+        ax.errorbar(xs, ys, xerr=[xs - xl, xh - xs], yerr=[ys - yl, yh - ys], fmt=style, capsize=2, label=kind)
     ax.set(xlabel="mean recurrent steps per token", ylabel="held-out loss (nats)", title=result["label"])
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     return file

@@ -36,6 +36,8 @@ class TrainConfig:
     ouroboros: OuroborosConfig = field(default_factory=OuroborosConfig)
     depths: tuple = setting((4, 8), "comma-separated recurrent depths, one drawn per batch (paper: 4,8,16)",
                             items=int)
+    readout: str = setting("last", "the loss read out after the drawn depth's last step, or the mean over every "
+                           "step's (every: stopping after any step is trained)", choices=("last", "every"))
     label_offset: int = setting(1, "predict token t + this; 2 is the authors' double-shift objective", low=1)
     batch_size: int = setting(8, "sequences per micro-batch, per process", low=1)
     grad_accum: int = setting(1, "micro-batches per optimiser step", low=1)
@@ -248,7 +250,7 @@ def read_settings(run: str) -> TrainConfig:
     return cfg
 
 
-RUN_FILES = {"config.json", "checkpoint.safetensors", "lock"}  # what train.py writes into a run folder
+RUN_FILES = {"config.json", "checkpoint.safetensors", "exit.safetensors", "lock"}  # what a run folder holds
 
 
 @contextmanager
@@ -374,7 +376,7 @@ def load_checkpoint(path: str, model, opt=None) -> int:
 
 def load_run(run: str, dtype=torch.float32, device="cpu", config=None):
     """(model, settings) of a trained run: the pruned base with the run's controller, gate and norms.
-    `config`: its model's Qwen2Config, if already read."""
+    `config`: its model's Qwen2Config, if already read. (Its exit head, if any: exits.attach_exit_head.)"""
     cfg = read_settings(run)
     model = load_ouroboros(cfg.model, cfg.ouroboros, dtype, device, config)
     load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)

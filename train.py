@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, resume: bool = False):
                 x, y = s.train.batch(idx, s.device)
                 last_micro = micro == cfg.grad_accum - 1
                 with s.autocast, (nullcontext() if s.net is s.model or last_micro else s.net.no_sync()):
-                    micro_loss = s.net(x, depth=depth, labels=y)  # DDP all-reduces once per step
+                    micro_loss = s.net(x, depth=depth, labels=y, every=cfg.readout == "every")  # DDP: one all-reduce
                     (micro_loss / cfg.grad_accum).backward()
                 loss += micro_loss.detach()  # no .item() here: no host-device sync per micro-step
             norm = torch.nn.utils.clip_grad_norm_(s.model.trainable().values(), cfg.clip)

@@ -2,12 +2,15 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import data
 import eval as evaluation
+import exits
 import generate
+import run
 import train
 from conftest import make_checkpoint, make_corpus, make_model_folder, ouroboros, randomise_trainable
 from load_qwen import load_model
@@ -37,15 +40,15 @@ def chunked(decode, x, cuts):
     return [torch.cat(parts, dim=1) for parts in zip(*out)]
 
 
-@pytest.mark.parametrize("variant", ["controller", "static", "none"])
-@pytest.mark.parametrize("gate", [True, False])
-def test_cached_decoding_gives_the_full_forward_logits(ckpt, variant, gate):
+@pytest.mark.parametrize("variant,gate,depth", [(v, g, 3) for v in ("controller", "static", "none")
+                                                for g in (True, False)] + [("controller", True, 1)])
+def test_cached_decoding_gives_the_full_forward_logits(ckpt, variant, gate, depth):
     model = ouroboros(ckpt, **SPLIT, variant=variant, gate=gate)
     randomise_trainable(model, scale=0.1)  # at 0.3 the no-gate loop is chaotic: rounding alone moves logits by 1e-3
-    x, depth = ids(2, 20), 3
+    x = ids(2, 20)
     with torch.no_grad():
         want = model(x, depth=depth)
-        assert (want - model(x, depth=depth - 1)).abs().max() > 1e-2  # the steps matter: a missing one shows
+        assert (want - model(x, depth=depth + 1)).abs().max() > 1e-2  # the steps matter: one more shows
         one_go, steps = decode(model, x, new_cache(model, 2, 20, depth))
         cache = new_cache(model, 2, 20, depth)
         pieces, steps_pieces = chunked(lambda t: decode(model, t, cache), x, cuts=[7, 12])  # prompt, chunk, tokens
@@ -190,7 +193,6 @@ def test_generate_refuses_mean_pool_with_cache_but_samples_it_without(runs, caps
 @pytest.mark.parametrize("argv,message", [
     (["--exit", "latent-diff", "0.1"], "need --run"),
     (["--run", "R", "--exit", "entropy", "0.1"], "give a criterion"),
-    (["--run", "R", "--exit", "latent-diff", "0.1", "--no-cache"], "drop --no-cache"),
     (["--run", "R", "--pruned", "--depth", "4"], "no --depth"),
     (["--run", "nowhere"], "nowhere/config.json not found"),
     (["--run", "nowhere", "--depth", "0"], "--depth 0 must be at least 1"),  # before anything is read
@@ -206,20 +208,30 @@ def test_generate_refuses_a_depth_beyond_the_runs_step_norms(runs):
         generate.main(["--run", runs["causal"], "--prompt", "x", "--depth", "65"])
 
 
-def test_eval_adaptive_through_the_cache(runs, tmp_path, monkeypatch, capsys):
-    """Decoded token by token through the cache, an exit that never fires gives the deepest fixed
-    depth's loss (of the plain forward) and one that always fires gives depth 1's."""
+def test_eval_adaptive_rows_are_what_decoding_gives(runs, tmp_path, monkeypatch, capsys):
+    """The adaptive table on the evaluation half of the held-out documents: each fixed depth's losses
+    are the plain forward's, window by window; decoded through the cache, an exit that never fires
+    gives the deepest depth's and one that always fires depth 1's; the oracle stays within its epsilon."""
     monkeypatch.setattr(data, "CACHE", runs["cache"])
     common = ["--run", runs["causal"], "--depths", "1,3", "--windows", "3", "--out", str(tmp_path), "--json"]
-    evaluation.main(common)
-    full = json.loads(capsys.readouterr().out)["runs"][0]["held_out"]["t+1"]  # per-window losses
     evaluation.main(common + ["--adaptive", "0,0.05,inf"])
-    rows = json.loads(capsys.readouterr().out)["rows"]
-    fixed1, fixed3, never, mid, always = rows
-    assert abs(fixed1["loss"] - sum(full["1"]) / 3) <= 1e-6 and abs(fixed3["loss"] - sum(full["3"]) / 3) <= 1e-6
-    assert (never["steps"], always["steps"]) == (3, 1)
-    assert abs(never["loss"] - fixed3["loss"]) <= 1e-4 and abs(always["loss"] - fixed1["loss"]) <= 1e-4
-    assert 1 <= mid["steps"] <= 3
+    result = json.loads(capsys.readouterr().out)
+    rows = result["parts"]["evaluation"]
+    fixed = {r["at"]: np.array(r["loss"]) for r in rows if r["kind"] == "fixed"}
+    exits_ = {r["at"]: r for r in rows if r["kind"] == "latent-diff"}
+    assert sorted(fixed) == [1, 2, 3] and sorted(exits_) == [0, 0.05, float("inf")]
+    model, cfg = run.load_run(runs["causal"])
+    held = exits.halves(data.load_splits(cfg)[1], cfg.seq_len, 2)[1]
+    x, y = held.batch(held.spread(3))
+    with torch.no_grad():
+        for d in (1, 2, 3):
+            plain = [model(x[i:i + 1], depth=d, labels=y[i:i + 1]).item() for i in range(len(x))]
+            assert np.abs(np.array(plain) - fixed[d]).max() <= 1e-5
+    assert exits_[0]["steps"] == [3.0] * len(x) and exits_[float("inf")]["steps"] == [1.0] * len(x)
+    assert np.abs(np.array(exits_[0]["loss"]) - fixed[3]).max() <= 1e-4
+    assert np.abs(np.array(exits_[float("inf")]["loss"]) - fixed[1]).max() <= 1e-4
+    for r in (r for r in rows if r["kind"] == "oracle"):
+        assert all(1 <= s <= 3 for s in r["steps"]) and (np.array(r["loss"]) <= fixed[3] + r["at"] + 1e-6).all()
     assert (tmp_path / "adaptive.md").read_text().startswith(f"`{runs['causal']}`")
     with pytest.raises(ValueError, match="--adaptive 'x': give comma-separated numbers"):
         evaluation.main(common + ["--adaptive", "x"])

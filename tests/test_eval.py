@@ -120,8 +120,8 @@ def test_label_offset_2_trains_on_token_t_plus_2(setup, tmp_path, monkeypatch, c
     the run on both its own objective and the next token."""
     seen = []
     forward = Ouroboros.forward
-    monkeypatch.setattr(Ouroboros, "forward", lambda self, x, depth, labels=None: (
-        torch.is_grad_enabled() and seen.append((x, labels))) or forward(self, x, depth, labels))
+    monkeypatch.setattr(Ouroboros, "forward", lambda self, x, depth, labels=None, **kw: (
+        torch.is_grad_enabled() and seen.append((x, labels))) or forward(self, x, depth, labels, **kw))
     out = str(tmp_path / "t2")
     train.main(train_args(setup, out, "--steps", "2", "--label-offset", "2"))
     assert len(seen) == 2  # the training batches (the held-out loss runs without grad)
