@@ -1,9 +1,9 @@
-"""Benchmarks of decoding (bench.py's rows 7, 8 and 10-13), each against a reference measured in the
+"""Benchmarks of decoding (bench.py's rows 7, 8 and 10-12), each against a reference measured in the
 same run, the two sides taking turns.
 
     python bench_decode.py                      # random weights of SmolLM2's shape, and the converted
                                                 # SmolLM2 itself against transformers' generate()
-    python bench_decode.py --run runs/every-readout-s0 --exit 0.3   # also a run's learned exit at batch 1
+    python bench_decode.py --run runs/compare/every-readout-s0 --exit 0.3   # only row 12: a run's learned exit
 
 Rows
  7. decoding one token at 512 tokens of context, Ouroboros at depth 8, batch 1: the KV cache vs
@@ -24,6 +24,7 @@ from bench import SMOLLM2, dtype_name, random_ouroboros, timed
 from decode import decode, new_cache
 from exits import attach_exit_head
 from load_qwen import default_model, load_model
+from data import load_splits
 from run import Parser, cli, load_run
 
 
@@ -68,7 +69,7 @@ def greedy(step, prompt, n: int) -> list:
     for _ in range(n):
         out.append(logits[:, -1].argmax(-1, keepdim=True))
         logits = step(out[-1])
-    return torch.cat(out, 1)[0].tolist()
+    return torch.cat(out, 1)[0].tolist() if out else []
 
 
 def row_generate(model_dir, dtype, device, reps, context=512, new=64):
@@ -103,47 +104,54 @@ def row_bandwidth(device, reps):
             f"{bf16 / 1e9:,.1f} GB/s bf16", fp32 / bf16, "decoding one token reads every weight once: this bounds it")
 
 
-def row_exit(run, threshold, device, reps, context=64, new=32):
-    """Batch 1 with the learned exit against the run's deepest depth, the same tokens decoded greedily."""
+def row_exit(run, threshold, device, reps, context=64, new=64):
+    """Batch 1 with the learned exit against the run's deepest depth: greedy tokens after a prompt of its
+    held-out text, the time of the prompt alone taken off both sides (as row 10 does)."""
     model, cfg = load_run(run, torch.float32, device)
     attach_exit_head(model, run)
     depth, steps = max(cfg.depths), []
-    prompt = torch.randint(0, model.base.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    prompt = torch.tensor(load_splits(cfg)[1][:context].astype("int64"), device=device)[None]
 
-    def run_with(exit):
+    def run_with(exit, n):
         cache = new_cache(model, 1, context + new + 1, depth)
 
         def step(ids):
             logits, ran = decode(model, ids, cache, exit)
             steps.append(ran)
             return logits
-        return greedy(step, prompt.to(device), new)
+        return greedy(step, prompt, n)
 
     with torch.no_grad():
-        run_with(("learned", threshold))
-        mean = torch.cat([s.flatten() for s in steps[1:]]).float().mean().item()  # the tokens after the prompt
-        t_exit, t_full = timed([lambda: run_with(("learned", threshold)), lambda: run_with(None)], device, reps)
-    return (f"12. decode {new} tokens at batch 1, {run}, learned exit < {threshold:g} vs depth {depth}",
-            f"{new / t_exit:,.1f} tok/s with the exit", f"{new / t_full:,.1f} tok/s at depth {depth}", t_full / t_exit,
-            f"{mean:.2f} recurrent steps per token instead of {depth} (the prompt included in both timings)")
+        run_with(("learned", threshold), new)
+        mean = torch.cat([s.flatten() for s in steps[1:]]).float().mean().item()  # after the prompt
+        t_exit, t_exit0, t_full, t_full0 = timed([lambda: run_with(("learned", threshold), new),
+                                                  lambda: run_with(("learned", threshold), 0),
+                                                  lambda: run_with(None, new), lambda: run_with(None, 0)], device, reps)
+    exit_tps, full_tps = new / (t_exit - t_exit0), new / (t_full - t_full0)
+    return (f"12. decode {new} tokens after {context} of held-out text, batch 1, greedy, {run}, learned exit < "
+            f"{threshold:g} vs depth {depth}", f"{exit_tps:,.1f} tok/s with the exit", f"{full_tps:,.1f} tok/s at "
+            f"depth {depth}", exit_tps / full_tps, f"{mean:.2f} recurrent steps per new token instead of {depth}")
 
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one timed repeat instead of three")
-    p.add_argument("--run", default=None, help="a run with an exit head (exits.py): row 12")
+    p.add_argument("--run", default=None, help="only row 12, of this run with an exit head (exits.py)")
     p.add_argument("--exit", type=float, default=0.3, help="row 12's threshold on 1 - lambda")
     a = p.parse_args(argv)
     reps, cpu = 1 if a.quick else 3, torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
+    if a.run:
+        return table([row_exit(a.run, a.exit, cpu, reps)])
     rows = rows_decode(cpu, torch.float32, reps)
     if importlib.util.find_spec("transformers") is None:
         print("skipped: row 10, transformers is not installed (pip install -r requirements-test.txt)")
     else:
         rows += [row_generate(default_model(), dtype, cpu, reps) for dtype in (torch.float32, torch.bfloat16)]
-    rows.append(row_bandwidth(cpu, reps))
-    if a.run:
-        rows.append(row_exit(a.run, a.exit, cpu, reps))
+    table(rows + [row_bandwidth(cpu, reps)])
+
+
+def table(rows):
     print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")
     for name, ours, ref, ratio, note in rows:
         print(f"| {name} | {ours} | {ref} | {ratio:.2f}x | {note} |")

@@ -196,6 +196,7 @@ def main(argv=None):
     else:
         criteria = {"latent-diff": thresholds["latent-diff"], "learned": thresholds["learned"]}
         result = evaluate_adaptive(a.run[0], max(depths), criteria, a.windows, a.device, a.precision)
+        result["command"] = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
         stem, table, draw = "adaptive", adaptive_markdown(result), adaptive_plot
     out = a.out or a.run[0]
     os.makedirs(out, exist_ok=True)

@@ -42,7 +42,7 @@ def adaptive_markdown(result, tolerance=0.02) -> str:
            f"{w['calibration']} windows of one ({tolerance} nats over depth {D}) and scored on {w['evaluation']} "
            f"windows x {result['seq_len']} tokens of the other; the exits decoded token by token through the KV "
            "cache (teacher-forced), the oracle and fixed depths from every step's readout. [95% CI]: bootstrap "
-           "over windows.", "", f"| decoding | mean steps [95% CI] | loss [95% CI] | Δ vs depth {D} [95% CI] | "
+           "over windows." + (f" `{result['command']}`" if "command" in result else ""), "", f"| decoding | mean steps [95% CI] | loss [95% CI] | Δ vs depth {D} [95% CI] | "
            "Δ vs fixed depths at equal steps [95% CI] |", "|---|---|---|---|---|"]
     chosen = {k: calibrated(result, k, tolerance) for k in {r["kind"] for r in rows} - {"fixed", "oracle"}}
     for r in rows:
@@ -64,6 +64,10 @@ def adaptive_markdown(result, tolerance=0.02) -> str:
         out.append(f"- {kind}, calibrated threshold {at:g}: {steps:.2f} mean steps ({100 * steps / D:.0f}% of {D}), "
                    f"loss {rise:+.3f} nats over depth {D} on the evaluation half; below the fixed-depth curve at "
                    f"equal steps (interval under 0) at {below} of its thresholds.")
+    best = min((r for r in rows if r["kind"] == "fixed"), key=lambda r: np.mean(r["loss"]))
+    if best["at"] != D:  # then "within tolerance of the deepest step" is met by stopping early at all
+        out.append(f"- fixed: depth {best['at']} is the best ({np.mean(best['loss']):.3f}, "
+                   f"{np.mean(best['loss']) - deepest.mean():+.3f} nats against depth {D}): the deepest step is not.")
     oracle = [r for r in rows if r["kind"] == "oracle"]
     out.append("- oracle: " + ", ".join(f"ε {r['at']:g}: {np.mean(r['steps']):.2f} steps" for r in oracle)
                + f", of {D}: no exit rule can do better at that ε.")
