@@ -110,10 +110,16 @@ class ExitHead(nn.Module):
         self.proj = nn.Linear(dim + 1 + width, 1)         # w, b
 
     def forward(self, h_old, h, step: int):
-        h_old, h = h_old.float(), h.float()
-        change = ((h - h_old).norm(dim=-1) / h.norm(dim=-1)).clamp_min(1e-12).log()  # Huginn's criterion, as a feature
+        change = latent_diff(h_old, h).clamp_min(1e-12).log()  # Huginn's criterion, as a feature
+        h = h.float()
         e = self.step_embed.weight[step].expand(*h.shape[:-1], -1)
         return torch.sigmoid(self.proj(torch.cat([F.rms_norm(h, h.shape[-1:]), change[..., None], e], -1))).squeeze(-1)
+
+
+def latent_diff(h_old, h):
+    """Huginn's exit criterion: the relative change of the state, ||h_k - h_{k-1}|| / ||h_k||, per token."""
+    h_old, h = h_old.float(), h.float()
+    return (h - h_old).norm(dim=-1) / h.norm(dim=-1)
 
 
 class Gate(nn.Module):

@@ -6,7 +6,7 @@ into the cache. Ouroboros decodes here, through its own prelude, steps and coda;
 """
 import torch
 
-from controller import Controller
+from controller import Controller, latent_diff
 from model import Ouroboros, rope_cos_sin
 
 
@@ -104,12 +104,6 @@ def decode(model: Ouroboros, input_ids, cache: KVCache, exit=None):
             stopped |= stop
         x = h
     return model.coda_head(x, cos, sin, None, cache), steps
-
-
-def latent_diff(h_old, h):
-    """Huginn's exit criterion: the relative change of the state, ||h_k - h_{k-1}|| / ||h_k||, per token."""
-    h_old, h = h_old.float(), h.float()
-    return (h - h_old).norm(dim=-1) / h.norm(dim=-1)
 
 
 def learned(model, h_old, h, k: int):

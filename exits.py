@@ -57,9 +57,9 @@ def labels(losses, eps: float):
 def train_exit_head(model, windows: Windows, depth: int, device, n: int = 32, iters: int = 300):
     """An ExitHead trained on `n` training windows: full-batch Adam on the binary cross-entropy of every
     (token, step) against its label. Returns (head, its last loss, the oracle's mean steps on them)."""
-    feats, targets, oracle = [], [], []
-    for start in range(0, n, 8):
-        x, y = windows.batch(windows.spread(n)[start:start + 8], device)
+    feats, targets, oracle, picked = [], [], [], windows.spread(n)
+    for start in range(0, len(picked), 8):
+        x, y = windows.batch(picked[start:start + 8], device)
         losses, states = step_losses(model, x, y, depth)
         feats.append(states.flatten(1, 2))
         targets.append(labels(losses, EPSILON).flatten(1))
