@@ -42,14 +42,16 @@ def adaptive_markdown(result, tolerance=0.02) -> str:
            f"{w['calibration']} windows of one ({tolerance} nats over depth {D}) and scored on {w['evaluation']} "
            f"windows x {result['seq_len']} tokens of the other; the exits decoded token by token through the KV "
            "cache (teacher-forced), the oracle and fixed depths from every step's readout. [95% CI]: bootstrap "
-           "over windows." + (f" `{result['command']}`" if "command" in result else ""), "", f"| decoding | mean steps [95% CI] | loss [95% CI] | Δ vs depth {D} [95% CI] | "
+           "over windows." + (f" `{result['command']}`" if "command" in result else ""), "",
+           f"| decoding | mean steps [95% CI] | loss [95% CI] | Δ vs depth {D} [95% CI] | "
            "Δ vs fixed depths at equal steps [95% CI] |", "|---|---|---|---|---|"]
     chosen = {k: calibrated(result, k, tolerance) for k in {r["kind"] for r in rows} - {"fixed", "oracle"}}
+    curves = {(r["kind"], r["at"]): against_fixed(rows, r) for r in rows if r["kind"] != "fixed"}
     for r in rows:
         what = {"fixed": f"fixed depth {r['at']}", "oracle": f"oracle, ε = {r['at']:g}"}.get(
             r["kind"], f"{r['kind']} < {r['at']:g}" + (" (calibrated)" if chosen.get(r["kind"]) == r["at"] else ""))
         cells = [bootstrap(r["steps"]), bootstrap(r["loss"]), bootstrap(np.array(r["loss"]) - deepest)]
-        curve = "-" if r["kind"] == "fixed" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*against_fixed(rows, r))
+        curve = "-" if r["kind"] == "fixed" else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*curves[r["kind"], r["at"]])
         out.append(f"| {what} | {cells[0][0]:.2f} [{cells[0][1]:.2f}, {cells[0][2]:.2f}] | {cells[1][0]:.3f} "
                    f"[{cells[1][1]:.3f}, {cells[1][2]:.3f}] | {cells[2][0]:+.3f} [{cells[2][1]:+.3f}, "
                    f"{cells[2][2]:+.3f}] | {curve} |")
@@ -60,7 +62,7 @@ def adaptive_markdown(result, tolerance=0.02) -> str:
             continue
         r = next(r for r in rows if r["kind"] == kind and r["at"] == at)
         rise, steps = np.mean(r["loss"]) - deepest.mean(), np.mean(r["steps"])
-        below = sum(against_fixed(rows, q)[2] < 0 for q in rows if q["kind"] == kind)
+        below = sum(curves[kind, q["at"]][2] < 0 for q in rows if q["kind"] == kind)
         out.append(f"- {kind}, calibrated threshold {at:g}: {steps:.2f} mean steps ({100 * steps / D:.0f}% of {D}), "
                    f"loss {rise:+.3f} nats over depth {D} on the evaluation half; below the fixed-depth curve at "
                    f"equal steps (interval under 0) at {below} of its thresholds.")
