@@ -13,7 +13,7 @@ Rows
     bare layer (forward + backward)
  4. torch.compile of the recurrent step, on vs off
  5-6. the data pipeline's memory and speed: bench_data.py
- 7-8, 10-13. decoding: bench_decode.py
+ 7-8, 10-15. decoding: bench_decode.py
  9. eval.py's per-window losses at depths 1, 4, 8, 16: one pass (the loop once, the coda reading out
     each depth) vs a forward per depth (8 windows of 256 tokens)
 """

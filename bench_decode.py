@@ -1,4 +1,4 @@
-"""Benchmarks of decoding (bench.py's rows 7, 8 and 10-12), each against a reference measured in the
+"""Benchmarks of decoding (bench.py's rows 7, 8 and 10-15), each against a reference measured in the
 same run, the two sides taking turns.
 
     python bench_decode.py                      # random weights of SmolLM2's shape, and the converted
@@ -10,22 +10,34 @@ Rows
     recomputing the whole sequence; the cache's memory per token
  8. prefill of a 512-token prompt into the cache vs the plain forward of the same tokens
 10. the full model decoding 64 tokens after a 512-token prompt, batch 1, greedy: ours vs transformers'
-    generate() on the same weights and dtype (fp32, bf16), with the tokens compared
+    generate() on the same weights and dtype (fp32, bf16), with the tokens compared, and the share of
+    the bound that row 11's bandwidth sets
 11. this machine's streaming matrix-vector bandwidth (fp32, bf16), and the decode speed it bounds
 12. decoding at batch 1 with a run's learned exit vs its deepest fixed depth (--run, --exit)
+13. bf16 weights decoding with the K/V in fp32 (new_cache's default on a CPU) vs in bf16: the full
+    model, and Ouroboros at depth 8
+14. where a decoded token's time goes: the model's matrix-vector products alone vs the whole step
+15. bf16 against fp32 on real text: the same top-1 next token, greedy tokens identical
 """
 import argparse
 import importlib.util
+import os
+import statistics
 import sys
+import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from bench import SMOLLM2, dtype_name, random_ouroboros, timed
 from decode import decode, new_cache
 from exits import attach_exit_head
-from load_qwen import default_model, load_model
+from load_qwen import default_model, load_model, load_tokenizer
 from data import load_splits
 from run import Parser, cli, load_run
+
+DOC = "/usr/share/doc/python3.11/html/_sources/library/functions.rst.txt"  # real text, as in test_qwen_gguf
 
 
 def rows_decode(device, dtype, reps, context=512, depth=8):
@@ -63,13 +75,26 @@ def matvec_bandwidth(dtype, device, reps=3, n=8192) -> float:
     return W.numel() * W.element_size() / t
 
 
-def greedy(step, prompt, n: int) -> list:
-    """n greedy tokens after the prompt, step(ids) -> logits [1, T, V] continuing the sequence."""
+def greedy(step, prompt, n: int):
+    """n greedy tokens after the prompt, step(ids) -> logits [1, T, V] continuing the sequence; and the
+    seconds those n tokens took after the prompt's pass."""
     logits, out = step(prompt), []
+    start = time.perf_counter()
     for _ in range(n):
         out.append(logits[:, -1].argmax(-1, keepdim=True))
         logits = step(out[-1])
-    return torch.cat(out, 1)[0].tolist() if out else []
+    return (torch.cat(out, 1)[0].tolist() if out else []), time.perf_counter() - start
+
+
+def turns(fns, reps):
+    """Median of the seconds each fn() returns, after one warm-up call each, the fns taking turns."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            ts.append(fn())
+    return [statistics.median(ts) for ts in times]
 
 
 def row_generate(model_dir, dtype, device, reps, context=512, new=64):
@@ -82,7 +107,7 @@ def row_generate(model_dir, dtype, device, reps, context=512, new=64):
 
     def ours_decode(n):
         cache = new_cache(ours, 1, context + new)
-        return greedy(lambda ids: ours(ids, cache=cache), prompt, n)
+        return greedy(lambda ids: ours(ids, cache=cache), prompt, n)[0]
 
     hf = lambda n: theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, context:].tolist()
     with torch.no_grad():
@@ -98,6 +123,52 @@ def row_generate(model_dir, dtype, device, reps, context=512, new=64):
             f"bounds for {weights / 2**20:,.0f} MiB of weights")
 
 
+def row_kv_dtype(model_dir, device, reps, context=512, new=64, depth=8):
+    """bf16 weights, decoding with the K/V (and attention) in fp32, as new_cache keeps them on a CPU, vs in
+    bf16 as before: the full model, and Ouroboros at depth 8 on random weights of its shape."""
+    full, ouro = load_model(model_dir, torch.bfloat16, device), random_ouroboros(SMOLLM2, torch.bfloat16, device)
+    prompt = torch.randint(0, SMOLLM2["vocab_size"], (1, context), generator=torch.Generator().manual_seed(0))
+    out = []
+    for name, model, steps in (("SmolLM2-135M", full, 0), (f"Ouroboros 8 + [15] x {depth} + 8", ouro, depth)):
+        def run(kv):
+            cache = new_cache(model, 1, context + new, steps, kv)
+            return greedy(lambda ids: model(ids, cache=cache) if steps == 0 else decode(model, ids, cache)[0],
+                          prompt.to(device), new - 1)
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+            same = run(torch.float32)[0] == run(torch.bfloat16)[0]
+            t32, t16 = turns([lambda: run(torch.float32)[1], lambda: run(torch.bfloat16)[1]], reps)
+        out.append((f"13. decode {new - 1} tokens after {context}, {name}, batch 1, greedy, bf16 weights",
+                    f"{(new - 1) / t32:,.1f} tok/s K/V in fp32", f"{(new - 1) / t16:,.1f} tok/s K/V in bf16 "
+                    "(the path before)", t16 / t32, f"tokens identical: {same}"))
+    return out
+
+
+def row_profile(model_dir, dtype, device, reps, context=512, new=32):
+    """Where one decoded token's time goes: the model's own matrix-vector products alone (its weights, at
+    its shapes, in the order decoding reads them) against the whole cached decode step."""
+    model = load_model(model_dir, dtype, device)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # the layers' q k v o gate up down, lm_head
+    inputs = [torch.randn(1, m.in_features, dtype=dtype, device=device) for m in linears]
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+
+    def matvecs():
+        start = time.perf_counter()
+        for m, x in zip(linears, inputs):
+            F.linear(x, m.weight, m.bias)
+        return time.perf_counter() - start
+
+    def decoding():
+        cache = new_cache(model, 1, context + new + 1)
+        return greedy(lambda ids: model(ids, cache=cache), prompt.to(device), new)[1] / new
+    with torch.no_grad():
+        t_mv, t_token = turns([matvecs, decoding], reps)
+    gbs = sum(m.weight.numel() * m.weight.element_size() for m in linears) / t_mv / 1e9
+    return (f"14. one decoded token, SmolLM2-135M, batch 1, {dtype_name(dtype)}: its {len(linears)} matrix-vector "
+            "products alone vs the whole step", f"{t_mv * 1e3:,.1f} ms matrix-vector products ({gbs:,.1f} GB/s)",
+            f"{t_token * 1e3:,.1f} ms the decode step", None, f"{t_mv / t_token:.0%} of the step; the rest "
+            f"({(t_token - t_mv) * 1e3:,.1f} ms): attention, norms, RoPE, the cache, Python and dispatch")
+
+
 def row_bandwidth(device, reps):
     fp32, bf16 = (matvec_bandwidth(d, device, reps) for d in (torch.float32, torch.bfloat16))
     return ("11. streaming matrix-vector product, 8192 x 8192", f"{fp32 / 1e9:,.1f} GB/s fp32",
@@ -106,31 +177,48 @@ def row_bandwidth(device, reps):
 
 def row_exit(run, threshold, device, reps, context=64, new=64):
     """Batch 1 with the learned exit against the run's deepest depth: greedy tokens after a prompt of its
-    held-out text, the time of the prompt alone taken off both sides (as row 10 does)."""
+    held-out text, timed after the prompt's pass."""
     model, cfg = load_run(run, torch.float32, device)
     attach_exit_head(model, run)
     depth, steps = max(cfg.depths), []
     prompt = torch.tensor(load_splits(cfg)[1][:context].astype("int64"), device=device)[None]
 
-    def run_with(exit, n):
+    def run_with(exit):
         cache = new_cache(model, 1, context + new + 1, depth)
 
         def step(ids):
             logits, ran = decode(model, ids, cache, exit)
             steps.append(ran)
             return logits
-        return greedy(step, prompt, n)
+        return greedy(step, prompt, new)[1]
 
     with torch.no_grad():
-        run_with(("learned", threshold), new)
+        run_with(("learned", threshold))
         mean = torch.cat([s.flatten() for s in steps[1:]]).float().mean().item()  # after the prompt
-        t_exit, t_exit0, t_full, t_full0 = timed([lambda: run_with(("learned", threshold), new),
-                                                  lambda: run_with(("learned", threshold), 0),
-                                                  lambda: run_with(None, new), lambda: run_with(None, 0)], device, reps)
-    exit_tps, full_tps = new / (t_exit - t_exit0), new / (t_full - t_full0)
+        t_exit, t_full = turns([lambda: run_with(("learned", threshold)), lambda: run_with(None)], reps)
     return (f"12. decode {new} tokens after {context} of held-out text, batch 1, greedy, {run}, learned exit < "
-            f"{threshold:g} vs depth {depth}", f"{exit_tps:,.1f} tok/s with the exit", f"{full_tps:,.1f} tok/s at "
-            f"depth {depth}", exit_tps / full_tps, f"{mean:.2f} recurrent steps per new token instead of {depth}")
+            f"{threshold:g} vs depth {depth}", f"{new / t_exit:,.1f} tok/s with the exit", f"{new / t_full:,.1f} "
+            f"tok/s at depth {depth}", t_full / t_exit, f"{mean:.2f} recurrent steps per new token instead of {depth}")
+
+
+def row_agreement(model_dir, device, windows=8, length=256, new=48):
+    """bf16 against fp32 on real text: how often the next token they rank first is the same (teacher-forced
+    over held-out documentation), and how many greedy tokens stay identical after a prompt of it."""
+    tok, text = load_tokenizer(model_dir), open(DOC, encoding="utf-8").read()
+    ids = torch.tensor(tok.encode(text).ids[:windows * length], device=device).view(windows, length)
+    fp32, bf16 = (load_model(model_dir, dtype, device) for dtype in (torch.float32, torch.bfloat16))
+    with torch.no_grad():
+        a, b = fp32(ids), bf16(ids).float()
+        same_top = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+        dlogp = (a.log_softmax(-1) - b.log_softmax(-1)).gather(-1, ids[:, 1:, None]).abs().mean().item()
+        runs = []
+        for model in (fp32, bf16):
+            cache = new_cache(model, 1, length + new)
+            runs.append(greedy(lambda x: model(x, cache=cache), ids[:1, :64], new)[0])
+    first = next((i for i, (x, y) in enumerate(zip(*runs)) if x != y), new)
+    return (f"15. bf16 vs fp32, SmolLM2-135M, {windows} x {length} tokens of {os.path.basename(DOC)}",
+            f"{same_top:.1%} same top-1 next token", f"{dlogp:.3f} mean absolute difference of log p(true next token)", None,
+            f"greedy after 64 of its tokens: the first {first} of {new} identical")
 
 
 def main(argv=None):
@@ -148,13 +236,15 @@ def main(argv=None):
         print("skipped: row 10, transformers is not installed (pip install -r requirements-test.txt)")
     else:
         rows += [row_generate(default_model(), dtype, cpu, reps) for dtype in (torch.float32, torch.bfloat16)]
-    table(rows + [row_bandwidth(cpu, reps)])
+    rows += [row_bandwidth(cpu, reps)] + row_kv_dtype(default_model(), cpu, reps)
+    rows += [row_profile(default_model(), dtype, cpu, reps) for dtype in (torch.float32, torch.bfloat16)]
+    table(rows + [row_agreement(default_model(), cpu)])
 
 
 def table(rows):
     print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")
     for name, ours, ref, ratio, note in rows:
-        print(f"| {name} | {ours} | {ref} | {ratio:.2f}x | {note} |")
+        print(f"| {name} | {ours} | {ref} | {'' if ratio is None else f'{ratio:.2f}x'} | {note} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ into the cache. Ouroboros decodes here, through its own prelude, steps and coda;
 (model.py, no cache) is the reference every cached path is tested against (tests/test_decode.py).
 """
 import torch
+import torch.nn.functional as F
 
 from controller import Controller, latent_diff
 from model import Ouroboros, rope_cos_sin
@@ -18,10 +19,11 @@ class KVCache:
     step (each step attends to its own K/V, as in Huginn) and one per coda layer, and it carries the
     controller's causal prefix mean as a running sum per step (`sums`, fp32)."""
 
-    def __init__(self, cfg, slots: int, batch: int, max_len: int, like: torch.Tensor, steps: int = 0):
-        """cfg: the decoder's Qwen2Config; like: a tensor of the dtype and device the K/V are kept in."""
+    def __init__(self, cfg, slots: int, batch: int, max_len: int, like: torch.Tensor, steps: int = 0, dtype=None):
+        """cfg: the decoder's Qwen2Config; like: a weight of the model (its device, and the dtype of the
+        RoPE tables). dtype: of the K/V and of attention; default kv_dtype()."""
         shape = (slots, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.k = torch.zeros(shape, dtype=dtype or kv_dtype(like), device=like.device)
         self.v = torch.zeros_like(self.k)
         self.sums = [torch.zeros(batch, cfg.hidden_size, device=like.device) for _ in range(steps)]
         self.cos, self.sin = rope_cos_sin(cfg, max_len, like.device, like.dtype)  # once, not per token
@@ -39,6 +41,19 @@ class KVCache:
         self.k[slot, :, :, self.pos:end] = k
         self.v[slot, :, :, self.pos:end] = v
         return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
+
+    def attend(self, slot: int, q, k, v):
+        """Write a chunk's K/V into `slot`; its queries q [B, n_head, T, hd] attend over the slot's whole
+        prefix, in the cache's dtype whatever autocast says. The causal mask is shifted by the prefix
+        (a chunk after cached tokens), is_causal when there is none (it keeps the fused kernels), and
+        one token needs none."""
+        k, v = self.update(slot, k, v)
+        T, S = q.shape[2], k.shape[2]
+        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        with torch.autocast(q.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=T > 1 and T == S,
+                                               enable_gqa=q.shape[1] != k.shape[1])
+        return y.to(q.dtype)
 
     def carry(self, slot: int, stopped):
         """Tokens that stopped (stopped [B, T]) keep the K/V of their last computed step in `slot`."""
@@ -58,15 +73,21 @@ class KVCache:
         return 2 * self.k[:, 0, :, 0].numel() * self.k.element_size()
 
 
-def new_cache(model, batch: int, max_len: int, depth: int = 0) -> KVCache:
+def kv_dtype(weight: torch.Tensor):
+    """The K/V's dtype for a model whose weights are `weight`'s: fp32 on a CPU, where attention of one
+    query in bf16 is several times slower than in fp32 (README, Decoding speed); the weights' elsewhere."""
+    return torch.float32 if weight.device.type == "cpu" else weight.dtype
+
+
+def new_cache(model, batch: int, max_len: int, depth: int = 0, dtype=None) -> KVCache:
     """The decoding state of `model`: one slot per layer of the decoder; for Ouroboros one per prelude
     layer, one per recurrent step of `depth` (the most any token will run; 1 for the pruned baseline)
     and one per coda layer."""
     if not isinstance(model, Ouroboros):
-        return KVCache(model.config, len(model.layers), batch, max_len, model.embed_tokens.weight)
+        return KVCache(model.config, len(model.layers), batch, max_len, model.embed_tokens.weight, dtype=dtype)
     model.check_depth(depth)
     slots = len(model.prelude_ids) + depth + len(model.coda_ids)
-    return KVCache(model.base.config, slots, batch, max_len, model.base.embed_tokens.weight, steps=depth)
+    return KVCache(model.base.config, slots, batch, max_len, model.base.embed_tokens.weight, depth, dtype)
 
 
 def decode(model: Ouroboros, input_ids, cache: KVCache, exit=None):

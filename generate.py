@@ -150,7 +150,7 @@ def parser():
 def main(argv=None):
     a = parser().parse_args(argv)
     exit = check(a)
-    device, dtype, autocast = placement(a.device, a.precision)
+    device, dtype, autocast = placement(a.device, a.precision, decoding=True)
     run = read_settings(a.run) if a.run is not None else None  # the small files first: a bad one is named
     model_dir = run.model if run else a.model or default_model()
     config = load_config(model_dir)

@@ -95,14 +95,10 @@ class Attention(nn.Module):
         k = project(self.k_proj, x, diag, "k").view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = project(self.v_proj, x, diag, "v").view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # decoding: this chunk's K/V go into the slot; attend over the whole prefix
-            k, v = cache.update(slot, k, v)
-        # The causal mask is asked for, never left to a backend default: is_causal keeps the fused kernels,
-        # a chunk after a cached prefix (S > T) gets the mask shifted by it, and one token needs none.
-        S = k.shape[2]
-        mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and T == S,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if cache is None:  # the causal mask is asked for, never left to a backend default
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        else:  # decoding: this chunk's K/V go into the slot, and it attends over the whole prefix
+            y = cache.attend(slot, q, k, v)
         return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), diag, "o")
 
 

@@ -150,6 +150,37 @@ def test_adaptive_depth_per_row_in_a_batch_is_per_sequence_decoding(ckpt):
             assert torch.equal(cache.v[P + k, b, :, t], cache.v[P + e - 1, b, :, t])
 
 
+def test_a_cpu_cache_attends_in_fp32_whatever_the_weights_and_autocast(ckpt):
+    """bf16 weights on a CPU: the K/V are kept in fp32 and one query attends in fp32 even under bf16
+    autocast (which would cast attention to bf16), its output back in the query's dtype."""
+    model = ouroboros(ckpt, torch.bfloat16, **SPLIT)
+    cache = new_cache(model, 1, 8, 2)
+    assert cache.k.dtype == cache.v.dtype == torch.float32
+    assert new_cache(model, 1, 8, 2, torch.bfloat16).k.dtype == torch.bfloat16  # the path before, on request
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 5, 16, generator=g).to(torch.bfloat16) for n in (4, 2, 2))
+    with torch.autocast("cpu", torch.bfloat16):
+        got = cache.attend(0, q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                                            enable_gqa=True).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    x = ids(1, 8)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # and decoding bf16 stays near its plain forward
+        fresh = new_cache(model, 1, 8, 2)
+        got, _ = chunked(lambda t: decode(model, t, fresh), x, cuts=[4])
+        want = model(x, depth=2)
+    assert (got.float() - want.float()).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("native,decoding,dtype", [(True, True, torch.bfloat16), (False, True, torch.float32),
+                                                   (True, False, torch.float32)])
+def test_auto_precision_decodes_in_bf16_only_on_a_cpu_that_has_it(monkeypatch, native, decoding, dtype):
+    monkeypatch.setattr(run, "native_bf16_cpu", lambda: native)
+    where, got, autocast = run.placement("cpu", "auto", decoding)
+    assert got == dtype and autocast._enabled == (dtype == torch.bfloat16)  # training stays fp32 on a CPU
+    assert run.placement("cpu", "fp32", decoding)[1] == torch.float32
+
+
 # ----------------------------------------------------------------------------------------------
 # generate.py, end to end on a tiny trained run
 
