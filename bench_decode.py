@@ -21,6 +21,7 @@ Rows
 """
 import argparse
 import importlib.util
+import json.decoder
 import os
 import statistics
 import sys
@@ -105,9 +106,10 @@ def row_generate(model_dir, dtype, device, reps, context=512, new=64):
     prompt = torch.randint(0, ours.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
 
-    def ours_decode(n):
+    def ours_decode(n):  # under autocast in bf16, as generate.py runs it
         cache = new_cache(ours, 1, context + new)
-        return greedy(lambda ids: ours(ids, cache=cache), prompt, n)[0]
+        with torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return greedy(lambda ids: ours(ids, cache=cache), prompt, n)[0]
 
     hf = lambda n: theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, context:].tolist()
     with torch.no_grad():
@@ -119,8 +121,8 @@ def row_generate(model_dir, dtype, device, reps, context=512, new=64):
     bound = matvec_bandwidth(dtype, device, reps) / weights
     return (f"10. decode {new} tokens after {context}, SmolLM2-135M, batch 1, greedy, {dtype_name(dtype)}",
             f"{ours_tps:,.1f} tok/s", f"{hf_tps:,.1f} tok/s transformers generate()", ours_tps / hf_tps,
-            f"tokens identical: {same}; {ours_tps / bound:.0%} of the {bound:,.1f} tok/s that row 11's bandwidth "
-            f"bounds for {weights / 2**20:,.0f} MiB of weights")
+            f"tokens identical: {same}; {ours_tps / bound:.0%} of the {bound:,.1f} tok/s that the matrix-vector "
+            f"bandwidth measured in this row bounds for {weights / 2**20:,.0f} MiB of weights")
 
 
 def row_kv_dtype(model_dir, device, reps, context=512, new=64, depth=8):
@@ -202,21 +204,24 @@ def row_exit(run, threshold, device, reps, context=64, new=64):
 
 
 def row_agreement(model_dir, device, windows=8, length=256, new=48):
-    """bf16 against fp32 on real text: how often the next token they rank first is the same (teacher-forced
-    over held-out documentation), and how many greedy tokens stay identical after a prompt of it."""
-    tok, text = load_tokenizer(model_dir), open(DOC, encoding="utf-8").read()
+    """bf16 against fp32 on documentation text: how often the plain forwards rank the same next token first
+    (teacher-forced), and how many greedy tokens, decoded through the cache, stay identical after a prompt of it."""
+    tok = load_tokenizer(model_dir)
+    text_file = DOC if os.path.isfile(DOC) else json.decoder.__file__  # Python's docs, or a stdlib source
+    text = open(text_file, encoding="utf-8").read()
     ids = torch.tensor(tok.encode(text).ids[:windows * length], device=device).view(windows, length)
     fp32, bf16 = (load_model(model_dir, dtype, device) for dtype in (torch.float32, torch.bfloat16))
     with torch.no_grad():
         a, b = fp32(ids), bf16(ids).float()
         same_top = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-        dlogp = (a.log_softmax(-1) - b.log_softmax(-1)).gather(-1, ids[:, 1:, None]).abs().mean().item()
+        logp = [lg.log_softmax(-1).gather(-1, ids[:, 1:, None]) for lg in (a, b)]  # of the true next token
+        dlogp = (logp[0] - logp[1]).abs().mean().item()
         runs = []
         for model in (fp32, bf16):
             cache = new_cache(model, 1, length + new)
             runs.append(greedy(lambda x: model(x, cache=cache), ids[:1, :64], new)[0])
     first = next((i for i, (x, y) in enumerate(zip(*runs)) if x != y), new)
-    return (f"15. bf16 vs fp32, SmolLM2-135M, {windows} x {length} tokens of {os.path.basename(DOC)}",
+    return (f"15. bf16 vs fp32, SmolLM2-135M, {windows} x {length} tokens of {os.path.basename(text_file)}",
             f"{same_top:.1%} same top-1 next token", f"{dlogp:.3f} mean absolute difference of log p(true next token)", None,
             f"greedy after 64 of its tokens: the first {first} of {new} identical")
 
@@ -229,22 +234,26 @@ def main(argv=None):
     a = p.parse_args(argv)
     reps, cpu = 1 if a.quick else 3, torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
-    if a.run:
-        return table([row_exit(a.run, a.exit, cpu, reps)])
-    rows = rows_decode(cpu, torch.float32, reps)
+    table([row_exit(a.run, a.exit, cpu, reps)] if a.run else every_row(cpu, reps))
+
+
+def every_row(cpu, reps):
+    yield from rows_decode(cpu, torch.float32, reps)
     if importlib.util.find_spec("transformers") is None:
         print("skipped: row 10, transformers is not installed (pip install -r requirements-test.txt)")
     else:
-        rows += [row_generate(default_model(), dtype, cpu, reps) for dtype in (torch.float32, torch.bfloat16)]
-    rows += [row_bandwidth(cpu, reps)] + row_kv_dtype(default_model(), cpu, reps)
-    rows += [row_profile(default_model(), dtype, cpu, reps) for dtype in (torch.float32, torch.bfloat16)]
-    table(rows + [row_agreement(default_model(), cpu)])
+        yield from (row_generate(default_model(), dtype, cpu, reps) for dtype in (torch.float32, torch.bfloat16))
+    yield row_bandwidth(cpu, reps)
+    yield from row_kv_dtype(default_model(), cpu, reps)
+    yield from (row_profile(default_model(), dtype, cpu, reps) for dtype in (torch.float32, torch.bfloat16))
+    yield row_agreement(default_model(), cpu)
 
 
 def table(rows):
-    print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")
+    """Print each row as it is measured, so that a failure late in the run keeps the rows before it."""
+    print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|", flush=True)
     for name, ours, ref, ratio, note in rows:
-        print(f"| {name} | {ours} | {ref} | {'' if ratio is None else f'{ratio:.2f}x'} | {note} |")
+        print(f"| {name} | {ours} | {ref} | {'' if ratio is None else f'{ratio:.2f}x'} | {note} |", flush=True)
 
 
 if __name__ == "__main__":

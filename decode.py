@@ -75,7 +75,7 @@ class KVCache:
 
 def kv_dtype(weight: torch.Tensor):
     """The K/V's dtype for a model whose weights are `weight`'s: fp32 on a CPU, whose bf16 attention
-    kernels are slow for a few queries (README, Decoding speed); the weights' elsewhere."""
+    kernels were slow for a few queries on the CPU measured (README, Decoding speed); the weights' elsewhere."""
     return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
 

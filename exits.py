@@ -116,8 +116,10 @@ def halves(stream, seq_len: int, eos: int):
 @torch.no_grad()
 def decoded(model, x, y, depth: int, exit, autocast):
     """(per-window loss, per-window mean steps) of windows x decoded token by token through the cache,
-    teacher-forced, each token's exit its own: what decoding does. One batch shares the weight reads."""
-    cache, losses, steps = new_cache(model, len(x), x.shape[1], depth), [], []
+    teacher-forced, each token's exit its own: what decoding does. One batch shares the weight reads. The
+    K/V keep the weights' dtype, so attention is as precise as in the plain forward the fixed depths use."""
+    kv = model.base.embed_tokens.weight.dtype
+    cache, losses, steps = new_cache(model, len(x), x.shape[1], depth, kv), [], []
     for t in range(x.shape[1]):
         with autocast:
             logits, s = decode(model, x[:, t:t + 1], cache, exit)

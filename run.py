@@ -197,7 +197,7 @@ def values(cfg: TrainConfig) -> dict:
 def placement(device: str = "auto", precision: str = "auto", decoding: bool = False):
     """(torch device, base dtype, autocast). auto: CUDA, then MPS, then the CPU. bf16 precision means a
     bf16 base under bf16 autocast with fp32 trainable masters; auto takes it on GPUs and, for decoding,
-    on a CPU with native bf16, where bf16 prefill is fast too (README, Decoding speed)."""
+    on a CPU with native bf16 (not measured here; README, Decoding speed)."""
     if device == "auto":
         if torch.cuda.is_available():
             where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -218,7 +218,8 @@ def placement(device: str = "auto", precision: str = "auto", decoding: bool = Fa
 
 
 def native_bf16_cpu() -> bool:
-    """Whether this CPU computes in bf16 itself (AVX512-BF16 or AMX tiles) rather than converting to fp32."""
+    """Whether this x86 CPU computes in bf16 itself (AVX512-BF16 or AMX tiles) rather than converting to fp32;
+    False on others (Arm's bf16 is not detected)."""
     return any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("avx512_bf16", "amx_tile"))
 
 
