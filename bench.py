@@ -40,26 +40,34 @@ QWEN3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s, H100 SXM datasheet
 
 
-def timed(fns, device, reps=3):
-    """Median seconds of each fn() after one warm-up call each. The calls take turns, so a change in
-    the machine's speed (other load, clocks) hits every fn alike; CUDA events time the GPU's queue."""
+def turns(fns, reps=3):
+    """Median of the seconds each fn() returns, after one warm-up call each. The calls take turns, so a
+    change in the machine's speed (other load, clocks) hits every fn alike."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for _ in range(reps):
         for fn, ts in zip(fns, times):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                ts.append(start.elapsed_time(end) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t)
+            ts.append(fn())
     return [statistics.median(ts) for ts in times]
+
+
+def timed(fns, device, reps=3):
+    """Median seconds of each whole fn() call, taking turns (turns); CUDA events time the GPU's queue."""
+    return turns([lambda fn=fn: seconds(fn, device) for fn in fns], reps)
+
+
+def seconds(fn, device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def step_memory(fn, device):

@@ -11,7 +11,7 @@ Rows
  8. prefill of a 512-token prompt into the cache vs the plain forward of the same tokens
 10. the full model decoding 64 tokens after a 512-token prompt, batch 1, greedy: ours vs transformers'
     generate() on the same weights and dtype (fp32, bf16), with the tokens compared, and the share of
-    the bound that row 11's bandwidth sets
+    the bound that the matrix-vector bandwidth (measured again in the row) sets
 11. this machine's streaming matrix-vector bandwidth (fp32, bf16), and the decode speed it bounds
 12. decoding at batch 1 with a run's learned exit vs its deepest fixed depth (--run, --exit)
 13. bf16 weights decoding with the K/V in fp32 (new_cache's default on a CPU) vs in bf16: the full
@@ -23,7 +23,6 @@ import argparse
 import importlib.util
 import json.decoder
 import os
-import statistics
 import sys
 import time
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench import SMOLLM2, dtype_name, random_ouroboros, timed
+from bench import SMOLLM2, dtype_name, random_ouroboros, timed, turns
 from decode import decode, new_cache
 from exits import attach_exit_head
 from load_qwen import default_model, load_model, load_tokenizer
@@ -85,17 +84,6 @@ def greedy(step, prompt, n: int):
         out.append(logits[:, -1].argmax(-1, keepdim=True))
         logits = step(out[-1])
     return (torch.cat(out, 1)[0].tolist() if out else []), time.perf_counter() - start
-
-
-def turns(fns, reps):
-    """Median of the seconds each fn() returns, after one warm-up call each, the fns taking turns."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, ts in zip(fns, times):
-            ts.append(fn())
-    return [statistics.median(ts) for ts in times]
 
 
 def row_generate(model_dir, dtype, device, reps, context=512, new=64):
@@ -222,8 +210,8 @@ def row_agreement(model_dir, device, windows=8, length=256, new=48):
             runs.append(greedy(lambda x: model(x, cache=cache), ids[:1, :64], new)[0])
     first = next((i for i, (x, y) in enumerate(zip(*runs)) if x != y), new)
     return (f"15. bf16 vs fp32, SmolLM2-135M, {windows} x {length} tokens of {os.path.basename(text_file)}",
-            f"{same_top:.1%} same top-1 next token", f"{dlogp:.3f} mean absolute difference of log p(true next token)", None,
-            f"greedy after 64 of its tokens: the first {first} of {new} identical")
+            f"{same_top:.1%} same top-1 next token", f"{dlogp:.3f} mean absolute difference of log p(true next token)",
+            None, f"greedy after 64 of its tokens: the first {first} of {new} identical")
 
 
 def main(argv=None):

@@ -7,8 +7,9 @@
     python generate.py --run runs/controller-causal-s0 --pruned --prompt "..."
 
 Decoding is cached (decode.py): the prompt in one pass, then one token at a time, computing the
-same logits as the full forward (tests/test_decode.py, in fp32; on a CPU the cache attends in fp32). --no-cache recomputes the whole sequence for
-every token. --exit lets each token stop looping once the criterion falls below the threshold.
+same logits as the full forward (tests/test_decode.py, in fp32; on a CPU the cache attends in fp32).
+--no-cache recomputes the whole sequence for every token. --exit lets each token stop looping once the
+criterion falls below the threshold.
 """
 import argparse
 import json
