@@ -206,6 +206,8 @@ def placement(device: str = "auto", precision: str = "auto", decoding: bool = Fa
     else:
         try:  # refused now, not when the first tensor moves there
             where = torch.device(device)
+            if where.type == "cuda" and where.index is None:  # set_device and DDP need an index: this rank's GPU
+                where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.empty(0, device=where)
         except Exception as e:  # a bad name, a backend this torch lacks (each fails its own way), no such device
             raise ValueError(f"--device {device}: no such device here ({str(e).splitlines()[0][:100]}); "
