@@ -1,12 +1,12 @@
-"""The trainable parts of Ouroboros: controller, SVD-LoRA modulation, gate and per-step norm.
+"""The trainable parts of Ouroboros: the controller (and its ablations), the SVD-LoRA term, the gate, the step norm.
 
-At recurrent step k the controller reads the hidden state h and emits one diagonal c_t in R^r per
-target projection t; the frozen recurrent layer then computes, for every t,
+At recurrent step k the controller reads the hidden state h and emits a diagonal c_t in R^r for each projection t
+of the recurrent layer, which then computes
 
     y = W_t x + b_t + (alpha / r) * B_t (c_t * (A_t x))
 
-with A_t, B_t frozen rank-r bases from the SVD of the mean residual of the removed layers. The
-step's output is normalised by a per-step RMSNorm and mixed into the state by a learned gate.
+with A_t, B_t frozen rank-r bases from the SVD of the mean residual of the removed layers. The step's output is
+normalised by a per-step RMSNorm and mixed into the state by a learned gate.
 """
 import torch
 import torch.nn as nn
@@ -38,51 +38,42 @@ class SVDLoRA(nn.Module):
         self.scale = alpha / A.shape[0]
 
     def forward(self, x, c=None):
-        """c: diagonal [B, T, r] (causal), [B, r] (sequence mean) or [r] (static); None: the bare layer."""
+        """c: the diagonal, [B, T, r] (per token), [B, 1, r] (per sequence) or [r] (static); None: the bare layer."""
         y = self.base(x)
         if c is None:
             return y
-        if c.dim() == 2:
-            c = c.unsqueeze(1)  # one diagonal per sequence: broadcast over positions
         return y + self.scale * F.linear(F.linear(x, self.A.to(x.dtype)) * c.to(x.dtype), self.B.to(x.dtype))
 
 
 class Controller(nn.Module):
-    """The paper's CompactController: hidden state + step embedding -> one diagonal per target.
+    """The paper's CompactController: the pooled state and a step embedding -> one diagonal per target.
 
-    pool="causal" (default): position t sees the mean of h over positions <= t, so every token gets
-    its own diagonals [B, T, r] and nothing flows from the future; the model stays autoregressive.
-    pool="mean": the paper's mean over the whole sequence, one diagonal per sequence [B, r]. It
-    lets position t see tokens after t (a leak of the future that makes training loss look better
-    than anything a left-to-right decoder can achieve); it exists so that effect can be measured.
+        u = SiLU(W_u pool(h)),  e = E[k],  z = SiLU(W_2 SiLU(W_1 [u; e])),  c_t = H_t z
+
+    pool="causal" (our fix, the default): position t reads the mean of h over positions <= t, so each token gets
+    its own diagonals and nothing flows from the future. pool="mean": the paper's mean over the whole sequence,
+    one diagonal per sequence; position t sees the tokens after it, a leak kept so that it can be measured.
     """
 
-    def __init__(self, dim: int, rank: int, style: int, max_steps: int, pool: str):
+    def __init__(self, dim: int, oc):
         super().__init__()
-        if pool not in ("causal", "mean"):
-            raise ValueError(f"pool must be 'causal' or 'mean', not {pool!r}")
-        self.pool = pool
-        self.state_proj = nn.Linear(dim, 2 * style)                      # u = SiLU(W_u h)
-        self.step_embed = nn.Embedding(max_steps, style)                 # e = E[k]
-        self.mlp = nn.Sequential(nn.Linear(3 * style, 2 * style), nn.SiLU(),
-                                 nn.Linear(2 * style, style), nn.SiLU())  # z = MLP([u; e])
-        self.heads = nn.ModuleDict({t: nn.Linear(style, rank, bias=False) for t in TARGETS})  # c_t = H_t z
+        s, self.causal = oc.style, oc.pool == "causal"
+        self.state_proj = nn.Linear(dim, 2 * s)                          # W_u
+        self.step_embed = nn.Embedding(oc.max_steps, s)                  # E
+        self.mlp = nn.Sequential(nn.Linear(3 * s, 2 * s), nn.SiLU(),
+                                 nn.Linear(2 * s, s), nn.SiLU())          # W_1, W_2
+        self.heads = nn.ModuleDict({t: nn.Linear(s, oc.rank, bias=False) for t in TARGETS})  # H_t
         for head in self.heads.values():
             nn.init.zeros_(head.weight)  # zero diagonals at start: the loop begins as the bare layer
 
-    def pooled(self, h, prefix=None):
-        """prefix (cached decoding): (sum of h over the positions before h [B, d], their count)."""
+    def forward(self, h, step: int, pos, prefix=0.0):
+        """h [B, T, d] at positions pos [T]; prefix [B, 1, d]: the sum of h over earlier positions (decoding)."""
         h = h.float()  # a running sum over thousands of positions needs fp32
-        if self.pool == "mean":
-            return h.mean(dim=1)
-        total, start = h.cumsum(dim=1), 0
-        if prefix is not None:
-            total, start = prefix[0][:, None] + total, prefix[1]
-        count = torch.arange(start + 1, start + h.shape[1] + 1, device=h.device, dtype=h.dtype)
-        return total / count[:, None]
-
-    def forward(self, h, step: int, prefix=None):
-        u = F.silu(self.state_proj(self.pooled(h, prefix)))
+        if self.causal:
+            pooled = (prefix + h.cumsum(1)) / (pos + 1).unsqueeze(-1)
+        else:
+            pooled = h.mean(1, keepdim=True)
+        u = F.silu(self.state_proj(pooled))
         e = self.step_embed.weight[step].expand(*u.shape[:-1], -1)
         z = self.mlp(torch.cat([u, e], dim=-1))
         return {t: head(z) for t, head in self.heads.items()}
@@ -90,36 +81,31 @@ class Controller(nn.Module):
 
 class StaticDiagonals(nn.Module):
     """Ablation: a learned table of diagonals, one per (step, target), blind to the input."""
+    causal = True
 
-    def __init__(self, rank: int, max_steps: int):
+    def __init__(self, dim: int, oc):
         super().__init__()
-        self.table = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
+        self.table = nn.Parameter(torch.zeros(oc.max_steps, len(TARGETS), oc.rank))
 
-    def forward(self, h, step: int, prefix=None):  # prefix: unused, the table is blind to the input
+    def forward(self, h, step: int, pos, prefix=0.0):
         return {t: self.table[step, i] for i, t in enumerate(TARGETS)}
 
 
-class ExitHead(nn.Module):
-    """The learned exit: after step k, lambda_k = sigmoid(w . [rms(h_k); log ||h_k - h_{k-1}|| / ||h_k||; e_k] + b),
-    the chance that stopping here reads out within epsilon of the deepest step's loss (its training label).
-    It is trained after the controller with everything else frozen (Ouro's second stage): exits.py."""
+class NoDiagonals(nn.Module):
+    """Ablation: no low-rank term at all; only the gate and the step norms train."""
+    causal = True
 
-    def __init__(self, dim: int, max_steps: int, width: int = 16):
+    def __init__(self, dim: int, oc):
         super().__init__()
-        self.step_embed = nn.Embedding(max_steps, width)  # e_k
-        self.proj = nn.Linear(dim + 1 + width, 1)         # w, b
 
-    def forward(self, h_old, h, step: int):
-        change = latent_diff(h_old, h).clamp_min(1e-12).log()  # Huginn's criterion, as a feature
-        h = h.float()
-        e = self.step_embed.weight[step].expand(*h.shape[:-1], -1)
-        return torch.sigmoid(self.proj(torch.cat([F.rms_norm(h, h.shape[-1:]), change[..., None], e], -1))).squeeze(-1)
+    def forward(self, h, step: int, pos, prefix=0.0):
+        return None
 
 
-def latent_diff(h_old, h):
-    """Huginn's exit criterion: the relative change of the state, ||h_k - h_{k-1}|| / ||h_k||, per token."""
-    h_old, h = h_old.float(), h.float()
-    return (h - h_old).norm(dim=-1) / h.norm(dim=-1)
+# --variant: what emits the diagonals. A new controller is one entry here: a module built as cls(dim, oc), whose
+# forward(h, step, pos, prefix) returns {target: diagonal} or None, and whose `causal` says that position t reads
+# only positions <= t (decoding through the cache refuses it otherwise).
+VARIANTS = {"controller": Controller, "static": StaticDiagonals, "none": NoDiagonals}
 
 
 class Gate(nn.Module):

@@ -1,18 +1,18 @@
-"""A Qwen2 / Llama decoder written by hand, and the Ouroboros recursive model built from it.
+"""A Qwen2 / Llama decoder written by hand, and the Ouroboros recursive model built from it (arXiv 2604.02051).
 
-Part 1, the pretrained decoder, computes the same function as transformers' Qwen2ForCausalLM and
-LlamaForCausalLM (tests/test_parity.py). Part 2 prunes it to prelude + one recurrent layer + coda and
-loops the recurrent layer under a controller (arXiv 2604.02051). Both decode through a cache
-(decode.py), Part 2 with an optional exit per token.
+Part 1, the decoder, computes what transformers' Qwen2ForCausalLM and LlamaForCausalLM compute. Part 2 keeps its
+prelude, one recurrent layer and its coda, and loops the recurrent layer under a controller. `pos`, the positions
+of the tokens given, is None in the plain forward (0..T-1) and a tensor when decoding through the KV cache.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from controller import Controller, Gate, StaticDiagonals, StepNorm, SVDLoRA
+from controller import TARGETS, VARIANTS, Gate, StepNorm, SVDLoRA
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,14 +33,10 @@ class Qwen2Config:
     max_position_embeddings: int = 32768
     attention_bias: bool = True  # q/k/v biases: True for qwen2, False for llama
     o_proj_bias: bool = False    # llama's attention_bias also biases o_proj; qwen2's never does
-    bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
 
 
 class RMSNorm(nn.Module):
@@ -56,11 +52,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(cfg: Qwen2Config, seq_len: int, device, dtype):
-    """cos/sin tables [T, head_dim] for positions 0..T-1; frequencies computed in fp32."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
-    freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: the two halves share frequencies
+def rope(cfg: Qwen2Config, pos, dtype):
+    """cos, sin [T, head_dim] at positions pos [T]; frequencies in fp32, the rotate-half layout."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=pos.device).float() / cfg.head_dim)
+    freqs = torch.outer(pos.float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # the two halves share frequencies
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -69,13 +65,28 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def projection(layer, target: str):
-    """(parent module, attribute name) of a layer's projection: q k v o in attention, gate up down in the MLP."""
-    return (layer.self_attn if target in ("q", "k", "v", "o") else layer.mlp), f"{target}_proj"
+class KVCache(nn.Module):
+    """One attention's keys and values at every position, preallocated (gpt-fast): a chunk writes its K/V at its
+    positions and attends over the cache up to them. Static shapes: a compiled step can replay as a CUDA graph."""
+
+    def __init__(self, batch: int, cfg: Qwen2Config, max_len: int, dtype, device):
+        super().__init__()
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def attend(self, pos, q, k, v):
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        mask = pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)  # [T, max_len]
+        with torch.autocast(q.device.type, enabled=False):  # in the cache's dtype (fp32 on a CPU)
+            y = F.scaled_dot_product_attention(q.to(self.k.dtype), self.k, self.v, attn_mask=mask,
+                                               enable_gqa=q.shape[1] != self.k.shape[1])
+        return y.to(q.dtype)
 
 
 def project(linear: nn.Module, x, diag, name: str):
-    """Apply one projection; with Ouroboros diagonals (part 2) the SVD-LoRA wrapper adds its term."""
+    """Apply one projection; with Ouroboros' diagonals (Part 2) the SVD-LoRA wrapper adds its term."""
     return linear(x) if diag is None else linear(x, diag[name])
 
 
@@ -83,22 +94,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.kv_cache = None  # a KVCache while decoding (setup_caches)
 
-    def forward(self, x, cos, sin, diag=None, cache=None, slot=0):
+    def forward(self, x, rope, pos=None, diag=None):
         B, T, _ = x.shape
         q = project(self.q_proj, x, diag, "q").view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = project(self.k_proj, x, diag, "k").view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = project(self.v_proj, x, diag, "v").view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:  # the causal mask is asked for, never left to a backend default
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if pos is None:  # the whole sequence: the causal mask is asked for, never left to a backend's default
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
-        else:  # decoding: this chunk's K/V go into the slot, and it attends over the whole prefix
-            y = cache.attend(slot, q, k, v)
+        else:  # decoding: this chunk's K/V go into the cache, and it attends over every position up to its own
+            y = self.kv_cache.attend(pos, q, k, v)
         return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), diag, "o")
 
 
@@ -115,7 +126,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. Callable on its own with precomputed RoPE tables, which the loop needs."""
+    """Pre-norm block: x + attention(norm(x)), then + MLP(norm(x))."""
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -124,14 +135,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, diag=None, cache=None, slot=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, diag, cache, slot)
+    def forward(self, x, rope, pos=None, diag=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, pos, diag)
         return x + self.mlp(self.post_attention_layernorm(x), diag)
 
 
+def projection(layer: DecoderLayer, target: str) -> tuple:
+    """(parent module, attribute name) of a layer's projection: q k v o in attention, gate up down in the MLP."""
+    return (layer.self_attn if target in ("q", "k", "v", "o") else layer.mlp), f"{target}_proj"
+
+
 class Transformer(nn.Module):
-    """The pretrained decoder. `layers` picks which layers exist (default: all), named by their index
-    in the checkpoint, so a subset loads straight from the HF names."""
+    """The pretrained decoder. `layers` picks which layers exist (default: all), named by their index in
+    the checkpoint, so that a subset loads straight from the HF names."""
 
     def __init__(self, cfg: Qwen2Config, layers=None):
         super().__init__()
@@ -144,54 +160,54 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def rope(self, T: int, like: torch.Tensor, cache=None):
-        """cos/sin for the T positions after the cache's (the cache holds its tables; from 0 without one)."""
-        return rope_cos_sin(self.config, T, like.device, like.dtype) if cache is None else cache.rope(T)
+    def embed(self, ids, pos=None):
+        """The token embeddings and the RoPE tables of their positions (0..T-1 unless `pos` says)."""
+        x = self.embed_tokens(ids)
+        return x, rope(self.config, torch.arange(ids.shape[1], device=ids.device) if pos is None else pos, x.dtype)
 
-    def forward(self, input_ids, labels=None, cache=None):
-        """input_ids [B, T] -> logits [B, T, vocab], running every layer this model holds.
-        With labels [B, T] (already aligned: labels[t] is the token after input_ids[t]) -> mean loss.
-        With a cache (decoding): input_ids continue the positions it holds, one slot per layer."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(input_ids.shape[1], x, cache)
-        for slot, layer in enumerate(self.layers.values()):
-            x = layer(x, cos, sin, cache=cache, slot=slot)
-        if cache is not None:
-            cache.pos += input_ids.shape[1]
+    def forward(self, ids, labels=None, pos=None):
+        """ids [B, T] -> logits [B, T, vocab] through every layer this model holds; with labels [B, T]
+        (aligned: labels[t] is the token after ids[t]) -> their mean loss."""
+        x, rope = self.embed(ids, pos)
+        for layer in self.layers.values():
+            x = layer(x, rope, pos)
         return self.head(x, labels)
 
     def head(self, x, labels=None):
-        """Final norm, then logits; with labels [B, T] (aligned with the inputs) their mean loss instead."""
+        """Final norm, then the logits, or with labels their mean loss."""
         x = self.norm(x)
         return self.lm_head(x) if labels is None else lm_loss(x, self.lm_head.weight, labels)
 
+    def setup_caches(self, batch: int, max_len: int):
+        w = self.embed_tokens.weight  # K/V in the weights' dtype; fp32 on a CPU, where bf16 attention was ~5x slower
+        dtype = torch.float32 if w.device.type == "cpu" else w.dtype
+        for layer in self.layers.values():
+            layer.self_attn.kv_cache = KVCache(batch, self.config, max_len, dtype, w.device)
+
 
 class _ChunkedLMLoss(torch.autograd.Function):
-    """Mean cross-entropy of (h @ W^T) against labels, a chunk of tokens at a time. The [tokens, vocab]
-    logits are never held (2.5 GB in fp32 at 2 x 2048 x 151,936, plus their gradient): W is frozen, so
-    the gradient for h, (softmax - onehot) W / n, is computed chunk by chunk in the forward pass."""
+    """Mean cross-entropy of h @ W^T against labels, a chunk of tokens at a time: the [tokens, vocab] logits are
+    never held (2.5 GB in fp32 at 2 x 2048 x 151,936, and as much for their gradient). W is frozen, so the gradient
+    for h, (softmax - onehot) W / n, is computed chunk by chunk in the forward pass."""
 
     @staticmethod
     def forward(ctx, h, weight, labels, chunk):
         h2, y = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-        valid = y != -100
-        n = valid.sum().clamp(min=1)
         grad = torch.empty_like(h2) if ctx.needs_input_grad[0] else None
         total = h2.new_zeros((), dtype=torch.float32)
-        for i in range(0, h2.shape[0], chunk):
-            logits = (h2[i:i + chunk] @ weight.t()).float()
-            yc, vc = y[i:i + chunk].clamp(min=0), valid[i:i + chunk]
+        for i in range(0, len(y), chunk):
+            logits, yc = (h2[i:i + chunk] @ weight.t()).float(), y[i:i + chunk]
             top = logits.amax(-1, keepdim=True)
             target = logits.gather(1, yc[:, None]) - top
-            p = logits.sub_(top).exp_()  # unnormalised softmax, in place: one [chunk, vocab] buffer, one exp
+            p = logits.sub_(top).exp_()  # the unnormalised softmax, in place: one [chunk, vocab] buffer
             z = p.sum(-1, keepdim=True)
-            total += ((z.log() - target).squeeze(1) * vc).sum()  # -log softmax[y] = log z - (logit_y - top)
-            if grad is not None:  # (softmax - onehot) W = ((p - z onehot) W) / z: one pass over the logits fewer
-                p[torch.arange(len(yc), device=p.device), yc] -= z.squeeze(1)  # in fp32, before any bf16 cast
-                grad[i:i + chunk] = ((p.to(weight.dtype) @ weight).float() * (vc[:, None] / z)).to(h.dtype)
+            total += (z.log() - target).sum()  # -log softmax[y] = log z - (logit_y - top)
+            if grad is not None:  # (softmax - onehot) W = ((p - z onehot) W) / z, in fp32 before any bf16 cast
+                p[torch.arange(len(yc), device=p.device), yc] -= z.squeeze(1)
+                grad[i:i + chunk] = ((p.to(weight.dtype) @ weight).float() * (1 / z)).to(h.dtype)
         if grad is not None:
-            ctx.save_for_backward((grad / n).view_as(h))
-        return total / n
+            ctx.save_for_backward((grad / len(y)).view_as(h))
+        return total / len(y)
 
     @staticmethod
     def backward(ctx, g):
@@ -200,145 +216,119 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
 
 def lm_loss(h, weight, labels, chunk: int = 1024):
-    """Next-token loss of final hidden states h [B, T, d]; labels are NOT shifted again here."""
-    if labels.shape != h.shape[:-1]:
-        raise ValueError(f"labels {tuple(labels.shape)} must match the tokens {tuple(h.shape[:-1])}")
+    """The next-token loss of final hidden states h [B, T, d]: labels are NOT shifted again here."""
     if weight.requires_grad and torch.is_grad_enabled():  # it would silently get no gradient
-        raise ValueError("lm_loss computes no gradient for the head: freeze it (requires_grad_(False))")
+        raise ValueError("lm_loss computes no gradient for the head: freeze it, or use F.cross_entropy on the logits")
     return _ChunkedLMLoss.apply(h, weight, labels, chunk)
 
 
 # ----------------------------------------------------------------------------------------------
 # Part 2: Ouroboros, the recursive model
 
-def setting(default, help: str, scope="variant", **valid):
-    """A configuration field declared once: default, --help, valid range (low, high inclusive; gt, lt
-    exclusive; choices) and scope: "table" (all runs of one table share it), "variant" (a variant's seeds
-    share it), "seed", or None (free). run.py makes a flag of each and checks it."""
-    return field(default=default, metadata=dict(help=help, scope=scope, **valid))
-
-
 @dataclass
 class OuroborosConfig:
-    prelude: int = setting(8, "layers kept at the start (the prelude)", "table", low=0)
-    recurrent: int = setting(15, "index of the layer that is looped (the recurrent block)", "table", low=0)
-    coda: int = setting(8, "layers kept at the end (the coda)", "table", low=0)
-    rank: int = setting(32, "r, the rank of the SVD-LoRA bases A, B", low=1)
-    alpha: float = setting(16.0, "the LoRA term's scale is alpha / r", gt=0)
-    variant: str = setting("controller", "controller (per input); static (a learned table of diagonals per "
-                           "step); none (no LoRA: gate and step norms only)", choices=("controller", "static", "none"))
-    gate: bool = setting(True, "mix each step into the state through the gate (--no-gate: h = h_new)")
-    pool: str = setting("causal", "what the controller reads: causal (the prefix mean) or mean (the paper's "
-                        "whole-sequence mean, which sees the future)", choices=("causal", "mean"))
-    style: int = setting(128, "the controller's width s", low=1)
-    max_steps: int = setting(64, "most recurrent steps (one step embedding, one norm row each)", low=1, high=4096)
+    prelude: int = 8           # layers kept at the start
+    recurrent: int = 15        # the index of the layer that is looped
+    coda: int = 8              # layers kept at the end
+    rank: int = 32             # r, the rank of the SVD bases A, B
+    alpha: float = 16.0        # the low-rank term's scale is alpha / r
+    variant: str = "controller"  # what emits the diagonals: a key of controller.VARIANTS
+    gate: bool = True          # mix each step into the state through the gate (False: h = h_new)
+    pool: Literal["causal", "mean"] = "causal"  # the controller reads the prefix mean, or the paper's (all tokens)
+    style: int = 128           # the controller's width s
+    max_steps: int = 64        # the most recurrent steps: one step embedding and one step-norm row each
 
     def split(self, n_layers: int):
-        """(prelude, recurrent, coda, removed) layer indices for a model of n_layers; bad splits raise."""
+        """(prelude, recurrent, coda, removed) layer indices for a model of n_layers."""
         P, R, C = self.prelude, self.recurrent, self.coda
-        if self.variant not in ("controller", "static", "none"):
-            raise ValueError(f"variant must be controller, static or none, not {self.variant!r}")
-        if P < 0 or C < 0 or P + C >= n_layers:
-            raise ValueError(f"prelude {P} + coda {C} must leave room for the recurrent layer in {n_layers} layers")
-        if not P <= R < n_layers - C:
-            raise ValueError(f"recurrent layer {R} must lie between the prelude (layers 0..{P - 1}) and the "
-                             f"coda (layers {n_layers - C}..{n_layers - 1}), i.e. in {P}..{n_layers - C - 1}")
-        removed = [i for i in range(P, n_layers - C) if i != R]
-        if not removed:
-            raise ValueError(f"prelude {P} + recurrent + coda {C} keep all {n_layers} layers: nothing is removed, "
-                             "so there is no residual to build the SVD bases from; keep fewer layers")
-        return list(range(P)), R, list(range(n_layers - C, n_layers)), removed
+        if not (0 <= P <= R < n_layers - C and C >= 0) or P + C + 1 == n_layers:
+            raise ValueError(f"--prelude {P} --recurrent {R} --coda {C} does not fit {n_layers} layers: the recurrent "
+                             f"layer must lie between prelude and coda, and at least one layer must be removed")
+        return list(range(P)), R, list(range(n_layers - C, n_layers)), [i for i in range(P, n_layers - C) if i != R]
 
 
 class Ouroboros(nn.Module):
-    """embed -> prelude -> [controller -> modulated recurrent layer -> step norm -> gate] x depth
-    -> coda -> norm -> lm_head. Only the controller (or static table), gate and step norms train.
-    They are fp32 whatever the base dtype; with a bf16 base, run under torch.autocast."""
+    """embed -> prelude -> [controller -> modulated recurrent layer -> step norm -> gate] x depth -> coda -> head.
 
-    def __init__(self, base: Transformer, oc: OuroborosConfig, bases: dict | None = None):
+    Only the controller (or its ablation), the gate and the step norms train. They are fp32 whatever the base
+    dtype; with a bf16 base, run under torch.autocast."""
+
+    def __init__(self, base: Transformer, oc: OuroborosConfig, bases: dict):
         super().__init__()
         self.config, self.base = oc, base.requires_grad_(False)
-        self.prelude_ids, r, self.coda_ids, self.removed_ids = oc.split(base.config.num_hidden_layers)
-        self.recurrent_id, self.recurrent = r, base.layers[str(r)]
-        if oc.variant != "none":
-            if bases is None:
-                raise ValueError(f"variant {oc.variant!r} needs the SVD bases {{target: (A, B)}}")
-            for t, (A, B) in bases.items():  # wrap the frozen projections in place
-                parent, name = projection(self.recurrent, t)
-                setattr(parent, name, SVDLoRA(getattr(parent, name), A, B, oc.alpha))
+        pre, r, post, _ = oc.split(base.config.num_hidden_layers)
+        self.prelude, self.coda = [base.layers[str(i)] for i in pre], [base.layers[str(i)] for i in post]
+        self.recurrent = base.layers[str(r)]
+        for t, (A, B) in bases.items():  # the frozen projections, wrapped in place: W x + b + (alpha/r) B (c * A x)
+            parent, name = projection(self.recurrent, t)
+            setattr(parent, name, SVDLoRA(getattr(parent, name), A, B, oc.alpha))
         d = base.config.hidden_size
         with torch.device(base.embed_tokens.weight.device):  # fp32 whatever the base: bf16 AdamW updates round away
-            self.diagonals = (Controller(d, oc.rank, oc.style, oc.max_steps, oc.pool) if oc.variant == "controller"
-                              else StaticDiagonals(oc.rank, oc.max_steps) if oc.variant == "static" else None)
+            self.controller = VARIANTS[oc.variant](d, oc)
             self.step_norm = StepNorm(d, oc.max_steps)
             self.gate = Gate(d) if oc.gate else None
-        self.checkpoint_steps = False  # recompute each step in backward: memory O(1) in depth
+        self.checkpoint_steps = False  # recompute each step in backward: activation memory flat in depth
+        self.step_caches = None  # the decoding state (setup_caches), and the controller's running sums:
+        self.register_buffer("sums", None, persistent=False)  # a buffer, so that a CUDA graph may update it in place
 
-    def layer(self, i):
-        return self.base.layers[str(i)]
+    def step(self, h, k: int, rope, pos=None):
+        """Recurrent step k: h_old -> h."""
+        at, prefix = torch.arange(h.shape[1], device=h.device), 0.0
+        if pos is not None:  # decoding: step k attends to its own K/V (as in Huginn) and continues its prefix sum
+            self.recurrent.self_attn.kv_cache = self.step_caches[k]
+            at, prefix = pos, self.sums[k].clone()
+            self.sums[k] += h.float().sum(1, keepdim=True)
+        diag = self.controller(h, k, at, prefix)                         # c_t for every target t
+        h_new = self.step_norm(self.recurrent(h, rope, pos, diag), k)    # the modulated layer, then RMSNorm_k
+        return self.gate(h_new, h) if self.gate is not None else h_new   # h = g h_new + (1 - g) h_old
 
-    def step(self, h, k: int, cos, sin, cache=None):
-        """Recurrent step k: h_old -> h. With a cache, attention uses step k's slot and the controller
-        pools over the running sum of the positions before this chunk."""
-        prefix = None if cache is None else cache.running_sum(k, h)
-        diag = None if self.diagonals is None else self.diagonals(h, k, prefix)
-        h_new = self.recurrent(h, cos, sin, diag, cache, len(self.prelude_ids) + k)
-        h_new = self.step_norm(h_new, k)
-        return self.gate(h_new, h) if self.gate is not None else h_new
-
-    def forward(self, input_ids, depth: int, labels=None, every: bool = False):
-        """Logits [B, T, V], or the mean loss when labels (aligned with input_ids) are given; every: the
-        mean of the losses read out after each step 1..depth, so that stopping after any step is trained."""
-        states = self.readout(input_ids, range(1, depth + 1) if every else [depth])
+    def forward(self, ids, depth: int, labels=None, pos=None, every: bool = False):
+        """Logits [B, T, V] after `depth` steps, or with labels (aligned with ids) the mean loss. every: the mean
+        of the losses read out after each step 1..depth, so that stopping after any step is trained (the hook
+        of adaptive depth: extras/exits.py)."""
+        states = self.readout(ids, range(1, depth + 1) if every else [depth], pos)
         if labels is None:
             return self.base.head(states[depth])
         return sum(self.base.head(h, labels) for h in states.values()) / len(states)
 
-    def readout(self, input_ids, depths) -> dict:
-        """{depth: the coda's output after that many steps} for every depth, in one pass: the loop runs
-        once to the largest depth and the coda reads the state out after each requested step.
-        `self.base.head(h, labels)` turns one into logits or a loss."""
-        for d in depths:
-            self.check_depth(d)
-        x, cos, sin = self.embed_prelude(input_ids)
-        out = {}
+    def readout(self, ids, depths, pos=None) -> dict:
+        """{depth: the coda's output after that many steps}, in one pass: the loop runs once to the largest
+        depth, and the coda reads the state out after each step asked for. base.head(h) makes logits of one."""
+        if not 1 <= max(depths) <= self.config.max_steps:
+            raise ValueError(f"depth {max(depths)} must be in 1..{self.config.max_steps} (max_steps)")
+        saving = self.checkpoint_steps and torch.is_grad_enabled()
+        run = lambda fn, *args: checkpoint(fn, *args, use_reentrant=False) if saving else fn(*args)
+        x, rope = self.base.embed(ids, pos)
+        x, out = through(self.prelude, x, rope, pos), {}
         for k in range(max(depths)):
-            if self.checkpoint_steps and torch.is_grad_enabled():
-                x = checkpoint(self.step, x, k, cos, sin, use_reentrant=False)
-            else:
-                x = self.step(x, k, cos, sin)
-            if k + 1 in depths:
-                out[k + 1] = self.coda(x, cos, sin)
+            x = run(self.step, x, k, rope, pos)
+            if k + 1 in depths:  # with several readouts (every), each coda is recomputed in backward too
+                several = len(depths) > 1
+                out[k + 1] = run(through, self.coda, x, rope, pos) if several else through(self.coda, x, rope, pos)
         return out
 
+    def pruned(self, ids, labels=None, pos=None):
+        """The baseline: prelude -> the recurrent layer once, unmodulated -> coda (decoded as depth 1)."""
+        x, rope = self.base.embed(ids, pos)
+        if pos is not None:
+            self.recurrent.self_attn.kv_cache = self.step_caches[0]
+        x = self.recurrent(through(self.prelude, x, rope, pos), rope, pos)
+        return self.base.head(through(self.coda, x, rope, pos), labels)
+
     def trainable(self) -> dict:
-        """{name: tensor} of what trains: the controller (or static table), the gate and the step norms."""
+        """{name: tensor} of what trains: the controller (or its ablation), the gate and the step norms."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
-    def check_depth(self, depth: int):
-        if not 1 <= depth <= self.config.max_steps:
-            raise ValueError(f"depth {depth} must be in 1..{self.config.max_steps} (max_steps)")
+    def setup_caches(self, batch: int, max_len: int, depth: int):
+        """The decoding state: a KVCache per prelude and coda layer and per recurrent step, and the controller's
+        running sum of the state per step (fp32)."""
+        self.base.setup_caches(batch, max_len)
+        k, cfg = self.recurrent.self_attn.kv_cache.k, self.base.config
+        self.step_caches = nn.ModuleList(KVCache(batch, cfg, max_len, k.dtype, k.device) for _ in range(depth))
+        self.sums = torch.zeros(depth, batch, 1, cfg.hidden_size, device=k.device)
 
-    def pruned(self, input_ids, labels=None, cache=None):
-        """The baseline: prelude -> the recurrent layer once, unmodulated -> coda (a cache of depth 1)."""
-        x, cos, sin = self.embed_prelude(input_ids, cache)
-        x = self.recurrent(x, cos, sin, cache=cache, slot=len(self.prelude_ids))
-        return self.coda_head(x, cos, sin, labels, cache)
 
-    def embed_prelude(self, input_ids, cache=None):
-        x = self.base.embed_tokens(input_ids)
-        cos, sin = self.base.rope(input_ids.shape[1], x, cache)
-        for slot, i in enumerate(self.prelude_ids):
-            x = self.layer(i)(x, cos, sin, cache=cache, slot=slot)
-        return x, cos, sin
-
-    def coda(self, x, cos, sin, cache=None):
-        first = 0 if cache is None else len(cache.k) - len(self.coda_ids)  # the coda's slots come last
-        for j, i in enumerate(self.coda_ids):
-            x = self.layer(i)(x, cos, sin, cache=cache, slot=first + j)
-        if cache is not None:
-            cache.pos += x.shape[1]
-        return x
-
-    def coda_head(self, x, cos, sin, labels, cache=None):
-        return self.base.head(self.coda(x, cos, sin, cache), labels)
+def through(layers, x, rope, pos=None):
+    for layer in layers:
+        x = layer(x, rope, pos)
+    return x

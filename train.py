@@ -1,41 +1,135 @@
-"""Train Ouroboros: the controller, gate and step norms on top of a frozen, pruned decoder.
+"""Train Ouroboros: the controller, gate and step norms over a frozen, pruned decoder.
 
-    python train.py                      # offline default: SmolLM2-135M + Python docs, CPU-sized
-    python train.py --model DIR --prelude 8 --recurrent 18 --coda 8 --depths 4,8,16 ...
-    python train.py --model DIR --dry-run --prelude 8 --recurrent 18 --coda 8
-    torchrun --nproc_per_node 2 train.py ...   # DistributedDataParallel
-
-Everything pretrained is frozen. Fixes over the authors' code: labels are shifted exactly once (the
-loss does not shift again), the controller pools causally by default, trainable weights are fp32
-masters under bf16 autocast, warmup and cosine decay count optimiser steps, and a held-out split (by
-document) is never trained on. Good work is never lost: a non-finite update is skipped, SIGTERM /
-SIGINT save before exiting, and a failed save leaves the previous checkpoint as it was.
+    python train.py                          # the offline default: SmolLM2-135M on the Python docs
+    python train.py --model DIR --prelude 8 --recurrent 18 --coda 8 --depths 4,8,16 --seq-len 2048 ...
+    python train.py --model DIR --dry-run    # the split, parameters and memory; loads no weights
+    torchrun --nproc_per_node 8 train.py     # DistributedDataParallel
 """
 import argparse
+import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
-from controller import TARGETS
+from controller import TARGETS, VARIANTS, StepNorm
 from data import Windows, load_splits
-from load_qwen import default_model, load_config, load_ouroboros
+from load_qwen import DEFAULT_MODEL, load_config, load_ouroboros
 from model import Ouroboros, OuroborosConfig, Transformer, projection
-from run import (ROOT, SETTINGS, Parser, TrainConfig, add_flags, claim, cli, load_checkpoint, placement, problems,
-                 save_checkpoint, settings, write_atomic)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-# The configuration: a flag for every setting declared in run.py (TrainConfig, OuroborosConfig inside it).
-# A flag left out is absent, so that a new run takes the setting's default and --resume the run's own.
-FLAGS = add_flags(Parser(add_help=False), defaults=False)
+@dataclasses.dataclass
+class TrainConfig(OuroborosConfig):  # the model's settings and training's: a flag each, its help the comment
+    model: str = DEFAULT_MODEL   # an HF-format Qwen2 / Llama folder (setup.sh converts this default)
+    data: list[str] = dataclasses.field(default_factory=list)  # files, folders, globs (default: the Python docs)
+    text_field: str = "text"     # the .jsonl field or parquet column that holds the text
+    held_out: float = 0.05       # the fraction of documents held out
+    seq_len: int = 256           # tokens per window
+    depths: list[int] = dataclasses.field(default_factory=lambda: [4, 8])  # comma-separated; one drawn per batch
+    readout: Literal["last", "every"] = "last"  # the loss after the last step, or the mean over every step's
+    label_offset: int = 1        # predict token t + this; 2 is the authors' double-shift objective
+    batch_size: int = 8          # sequences per micro-batch, per process
+    grad_accum: int = 1          # micro-batches per optimiser step
+    steps: int = 80              # optimiser steps
+    lr: float = 3e-3             # the peak learning rate (paper: 3e-4 over 300K steps)
+    min_lr_ratio: float = 0.1    # the cosine decays to lr x this
+    warmup: int = -1             # linear warmup steps (-1: min(10, steps // 8))
+    weight_decay: float = 0.01   # AdamW's, on matrices (not on norms or biases)
+    beta2: float = 0.95          # AdamW's beta2
+    clip: float = 1.0            # the gradient-norm clip
+    seed: int = 0                # seeds the data order, the depths and the initialisation
+    out: str = ""                # the run folder (default: runs/<variant>-s<seed>)
+    log_interval: int = 5        # steps between log lines
+    eval_interval: int = 20      # steps between held-out losses
+    eval_windows: int = 16       # held-out windows in that loss
+    save_interval: int = 20      # steps between checkpoints (also at the end and on a signal)
+    device: str = "auto"         # auto (cuda:LOCAL_RANK, mps, cpu) or a torch device
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a bf16 base under autocast; auto: bf16 on GPUs
+    tf32: bool = False           # let fp32 matmuls on CUDA run in TF32 (otherwise fp32 means fp32)
+    compile: bool = False        # torch.compile the recurrent step
+    checkpoint_steps: bool = False  # recompute each recurrent step in backward: memory flat in depth
+    final_eval: bool = True      # run eval.py on the run when training ends
+
+
+FREE = {"out", "steps", "log_interval", "eval_interval", "eval_windows", "save_interval", "device", "precision",
+        "tf32", "compile", "checkpoint_steps", "final_eval"}  # what --resume may change: nothing it computes
+
+
+def parse(argv=None, description=__doc__):
+    """(TrainConfig, --resume, --dry-run) of a command line. A resumed run keeps its config.json's settings."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)  # `given` holds only the flags given
+    source = inspect.getsource(OuroborosConfig) + inspect.getsource(TrainConfig)
+    helps, defaults = dict(re.findall(r"^ +(\w+): .*?# (.*)$", source, re.M)), TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag, default, help = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), helps[f.name]
+        if isinstance(default, bool):
+            p.add_argument("--no-" + flag[2:] if default else flag, dest=f.name, action=f"store_{not default}".lower(),
+                           help=help)
+        elif f.name == "data":
+            p.add_argument(flag, nargs="*", help=help)
+        elif f.name == "depths":
+            p.add_argument(flag, type=lambda s: [int(d) for d in s.split(",")], help=f"{help} (default 4,8)")
+        else:
+            choices = list(VARIANTS) if f.name == "variant" else get_args(f.type) or None  # or a Literal's
+            p.add_argument(flag, type=type(default), choices=choices, help=f"{help} (default {default})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the split, parameters and memory; load nothing")
+    given = vars(p.parse_args(argv))
+    resume, dry_run = given.pop("resume", False), given.pop("dry_run", False)
+    given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}  # a run works from anywhere
+    given |= {"data": [os.path.abspath(d) for d in given["data"]]} if "data" in given else {}
+    cfg = TrainConfig(**given)
+    cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-s{cfg.seed}")
+    if resume:
+        stored = read_config(cfg.out)
+        if changed := [k for k, v in given.items() if k not in FREE and v != getattr(stored, k)]:
+            raise ValueError(f"--resume: {cfg.out} was trained with " + ", ".join(f"--{k} {getattr(stored, k)}" for k
+                             in changed) + "; only more --steps and " + ", ".join(sorted(FREE - {"steps"})) + " may change")
+        cfg = dataclasses.replace(stored, **given | {"out": cfg.out})
+    cfg.warmup = min(10, cfg.steps // 8) if cfg.warmup < 0 else cfg.warmup
+    bad = [(not all(1 <= d <= cfg.max_steps for d in cfg.depths), f"--depths: each in 1..{cfg.max_steps}"),
+           (not 0 < cfg.held_out < 1, "--held-out must lie between 0 and 1"),
+           (min(cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.rank, cfg.style, cfg.label_offset) < 1,
+            "--seq-len, --batch-size, --grad-accum, --steps, --rank, --style and --label-offset must be at least 1"),
+           (not 0 <= cfg.warmup < cfg.steps, f"--warmup {cfg.warmup} must be below --steps {cfg.steps}"),
+           (not cfg.lr > 0 < cfg.clip, "--lr and --clip must be positive")]
+    if found := [what for wrong, what in bad if wrong]:  # the common mistakes, in one line before anything loads
+        raise ValueError("; ".join(found))
+    return cfg, resume, dry_run
+
+
+def read_config(run: str) -> TrainConfig:
+    """A run's settings, from its config.json; a setting it lacks (one added since) takes its default."""
+    with open(os.path.join(run, "config.json")) as f:
+        raw = json.load(f)
+    return TrainConfig(**{k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+
+
+def placement(device: str, precision: str):
+    """(device, base dtype, autocast). bf16: a bf16 base under bf16 autocast, fp32 trainable masters."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    where = torch.device(device)
+    if where.type == "cuda" and where.index is None:  # set_device and DDP need an index: this process's GPU
+        where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    half = precision == "bf16" or (precision == "auto" and where.type != "cpu")
+    return where, torch.bfloat16 if half else torch.float32, torch.autocast(where.type, torch.bfloat16, enabled=half)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -46,207 +140,124 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@dataclass
-class State:
-    """What the loop works with, made by prepare(), and what its guards keep count of."""
-    cfg: TrainConfig
-    model: Ouroboros
-    net: torch.nn.Module  # the model, or its DDP wrapper
-    opt: torch.optim.Optimizer
-    train: Windows
-    held: Windows
-    device: torch.device
-    autocast: torch.autocast
-    rank: int = 0
-    world: int = 1
-    log: callable = print  # rank 0 logs, the others are silent
-    saved: int = 0         # the step the checkpoint on disk holds (0: none)
-    skipped: int = 0
-    in_a_row: int = 0      # non-finite updates since the last good one
-
-
-def prepare(cfg: TrainConfig, resume: bool) -> State:
-    """Processes, device, data, model, optimiser, the resumed checkpoint and the run's config.json."""
-    rank, world = 0, 1
-    if "RANK" in os.environ:  # torchrun. The group's threads start with SIGTERM and SIGINT blocked: only
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # the main thread takes them
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        rank, world = dist.get_rank(), dist.get_world_size()
-    device, dtype, autocast = placement(cfg.device, cfg.precision)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    config = load_config(cfg.model)  # read once, passed down; what it rules out fails before the data is read
-    cfg.ouroboros.split(config.num_hidden_layers)
-    widths = (config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim)
-    if cfg.ouroboros.rank > (narrowest := min(widths)):
-        raise ValueError(f"--rank {cfg.ouroboros.rank} must be at most {narrowest} for this model (the width of its "
-                         "narrowest projection)")
-    if cfg.seq_len > (context := config.max_position_embeddings):
-        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's context ({context} positions)")
-    # The data first: a wrong --data or --text-field is reported in seconds, not after loading the weights.
-    train_w, held_w = (Windows(t, cfg.seq_len, cfg.label_offset) for t in load_splits(cfg, config))
+def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
+    """Processes, device, data, model, optimiser, and the checkpoint to resume."""
+    s = SimpleNamespace(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
+    s.device, dtype, s.autocast = placement(cfg.device, cfg.precision)
+    if s.device.type == "cuda":
+        torch.cuda.set_device(s.device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if s.world > 1:
+        dist.init_process_group("nccl" if s.device.type == "cuda" else "gloo")
+    config = load_config(cfg.model)
+    cfg.split(config.num_hidden_layers)
+    if cfg.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context ({config.max_position_embeddings})")
+    if s.rank == 0:  # the data first (a wrong --data fails in seconds), tokenised by one process
+        load_splits(cfg)
+    if s.world > 1:
+        dist.barrier()
+    s.train, s.held = (Windows(t, cfg.seq_len, cfg.label_offset) for t in load_splits(cfg))
     torch.manual_seed(cfg.seed)  # the controller's initialisation
-    model = load_ouroboros(cfg.model, cfg.ouroboros, dtype, device, config)
-    model.checkpoint_steps = cfg.checkpoint_steps
-    if cfg.compile:  # the step index becomes a symbolic int after one recompile: two graphs for any depth
-        model.step = torch.compile(model.step)
-    rest, decay = [], []  # AdamW on fp32 masters, weight decay on matrices (not norms, biases, the step table)
-    for n, p in model.trainable().items():
-        (decay if p.dim() >= 2 and "step_norm" not in n else rest).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
-    net = model if not dist.is_initialized() else torch.nn.parallel.DistributedDataParallel(
-        model, [device.index] if device.type == "cuda" else None)
-    s = State(cfg, model, net, opt, train_w, held_w, device, autocast, rank, world,
-              print if rank == 0 else lambda *a, **k: None)
-    s.log(f"device {device}, model {cfg.model}, {train_w.n:,} training windows / {held_w.n:,} held-out "
-          f"of {cfg.seq_len} tokens; {sum(p.numel() for p in model.trainable().values()):,} trainable parameters")
-    if resume:
-        s.saved = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), model, opt)
-        s.log(f"resumed {cfg.out} at step {s.saved}")
-    if rank == 0:
+    s.model = load_ouroboros(cfg.model, cfg, dtype, s.device, config)
+    s.model.checkpoint_steps = cfg.checkpoint_steps
+    if cfg.compile:  # the step index turns into a symbolic int after one recompile: two graphs for any depth
+        s.model.step = torch.compile(s.model.step)
+    s.params = s.model.trainable()
+    norms = {id(m.weight) for m in s.model.modules() if isinstance(m, StepNorm)}
+    decay = [p for p in s.params.values() if p.dim() >= 2 and id(p) not in norms]  # matrices: not norms or biases
+    rest = [p for p in s.params.values() if all(p is not q for q in decay)]
+    s.opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
+                              betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    s.net = s.model if s.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+    s.log = print if s.rank == 0 else lambda *a, **k: None
+    s.start = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt) if resume else 0
+    s.log(f"device {s.device}, {s.train.n:,} training / {s.held.n:,} held-out windows of {cfg.seq_len} tokens, "
+          f"{sum(p.numel() for p in s.params.values()):,} trainable parameters" + f"; from step {s.start}" * resume)
+    if s.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(asdict(cfg), indent=2).encode())
+        write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1).encode())
     return s
 
 
 def train(cfg: TrainConfig, resume: bool = False):
-    """The loop: learning rate, micro-steps, clip, step, log, eval, save. The guards are the helpers
-    below it, one call each: a non-finite update is skipped, a signal stops after the step and saves, a
-    failed save keeps the previous checkpoint."""
-    s = prepare(cfg, resume)
-    start, t0, objective = s.saved, time.time(), "" if cfg.label_offset == 1 else f", token t+{cfg.label_offset}"
-    loss_sum, logged = torch.zeros((), device=s.device), 0
+    """The loop: learning rate, micro-steps, clip, step, log, eval, save."""
+    s = setup(cfg, resume)
+    t0, loss_sum, good, bad = time.time(), torch.zeros((), device=s.device), 0, 0
     with deferred_signals() as caught:
-        for step in range(start, cfg.steps):
-            done = step + 1
-            lr = lr_at(step, cfg)
+        for step in range(s.start, cfg.steps):
+            done, lr = step + 1, lr_at(step, cfg)
             for group in s.opt.param_groups:
                 group["lr"] = lr
             loss = torch.zeros((), device=s.device)
             for micro in range(cfg.grad_accum):
                 idx, depth = s.train.draw(cfg, step, micro, s.rank, s.world)
                 x, y = s.train.batch(idx, s.device)
-                last_micro = micro == cfg.grad_accum - 1
-                with s.autocast, (nullcontext() if s.net is s.model or last_micro else s.net.no_sync()):
-                    micro_loss = s.net(x, depth=depth, labels=y, every=cfg.readout == "every")  # DDP: one all-reduce
+                sync = s.net is s.model or micro == cfg.grad_accum - 1  # DDP: one all-reduce per optimiser step
+                with s.autocast, (nullcontext() if sync else s.net.no_sync()):
+                    micro_loss = s.net(x, depth=depth, labels=y, every=cfg.readout == "every")
                     (micro_loss / cfg.grad_accum).backward()
-                loss += micro_loss.detach()  # no .item() here: no host-device sync per micro-step
-            norm = torch.nn.utils.clip_grad_norm_(s.model.trainable().values(), cfg.clip)
-            skip, stop = skip_or_stop(s, norm + loss, caught)
-            if skip:
-                skip_update(s, done)
+                loss += micro_loss.detach()  # no .item(): no host-device sync per micro-step
+            norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
+            # One sync per step, the same in every process: skip an update that is not finite; stop on a signal.
+            flags = torch.stack([(~torch.isfinite(loss + norm)).float(), torch.tensor(len(caught) + 0.0, device=s.device)])
+            if s.world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            skip, stop = (f > 0 for f in flags.tolist())
+            if skip:  # no optimiser step: the weights and AdamW's moments stay as they were; three in a row end it
+                s.log(f"step {done:5d}/{cfg.steps}  update skipped: a non-finite loss or gradient norm")
+                if (bad := bad + 1) == 3:
+                    raise ValueError(f"steps {done - 2}..{done} were all non-finite: the run diverged; lower --lr")
             else:
                 s.opt.step()
-                s.in_a_row, logged, loss_sum = 0, logged + 1, loss_sum + loss
+                loss_sum, good, bad = loss_sum + loss, good + 1, 0
             s.opt.zero_grad(set_to_none=True)
-            line = None
+            line = f"step {done:5d}/{cfg.steps}"
             if done % cfg.log_interval == 0 or done == cfg.steps:
-                line = progress(s, done, lr, loss_sum, logged, (done - start) / (time.time() - t0))
-                loss_sum, logged = loss_sum.zero_(), 0
+                if s.world > 1:
+                    dist.all_reduce(loss_sum)
+                tokens = (done - s.start) * cfg.batch_size * cfg.grad_accum * s.world * cfg.seq_len
+                line += f"  loss {loss_sum.item() / s.world / max(good, 1) / cfg.grad_accum:.4f}  lr {lr:.2e}  " \
+                        f"{tokens / (time.time() - t0):,.0f} tok/s"
+                loss_sum, good = loss_sum.zero_(), 0
             if done % cfg.eval_interval == 0 or done == cfg.steps:
-                depth = max(cfg.depths)
-                held = s.held.mean_loss(lambda x, y: s.model(x, depth=depth, labels=y), cfg.eval_windows,
-                                        cfg.batch_size, s.device, s.autocast)
-                line = (line or f"step {done:5d}/{cfg.steps}") + f"  held-out {held:.4f} (depth {depth}{objective})"
-            if line:
+                t = "" if cfg.label_offset == 1 else f", token t+{cfg.label_offset}"
+                line += f"  held-out {held_out_loss(s, cfg):.4f} (depth {max(cfg.depths)}{t})"
+            if "  " in line:
                 s.log(line, flush=True)
-            save(s, done, last=done == cfg.steps or stop)
+            if s.rank == 0 and (done == cfg.steps or stop or done % cfg.save_interval == 0 and not bad):
+                save_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt, done)
             if stop:
-                halt(s, caught, done)
-    end_processes(s)
-    s.log(f"trained {cfg.steps - start} steps in {(time.time() - t0) / 60:.1f} min; {kept(s)}")
-    if caught:  # it came after the last step's check (in the held-out eval or the save): no eval.py
-        s.log(f"stopped by {signal.Signals(caught[0]).name} after the last step")
+                break
+    if s.world > 1:  # leave together: a process that tears down while rank 0 still saves can abort it
+        dist.barrier()
+        dist.destroy_process_group()
+    if caught:
+        s.log(f"stopped by {signal.Signals(caught[0]).name} after step {done}: --resume continues")
         sys.exit(128 + caught[0])
+    s.log(f"trained {cfg.steps - s.start} steps in {(time.time() - t0) / 60:.1f} min")
 
 
-# ----------------------------------------------------------------------------------------------
-# the loop's helpers and guards
-
-def progress(s: State, done: int, lr: float, loss_sum, logged: int, steps_per_s: float) -> str:
-    """The log line: the mean loss of the good steps since the last line (skipped ones left out)."""
-    if dist.is_initialized():
-        dist.all_reduce(loss_sum)
-        loss_sum /= s.world
-    speed = steps_per_s * s.cfg.batch_size * s.cfg.grad_accum * s.world * s.cfg.seq_len
-    mean = loss_sum.item() / (logged * s.cfg.grad_accum) if logged else math.nan
-    return (f"step {done:5d}/{s.cfg.steps}  loss {mean:.4f}  lr {lr:.2e}  {speed:,.0f} tok/s  "
-            f"eta {(s.cfg.steps - done) / steps_per_s / 60:.1f} min")
-
-
-def skip_or_stop(s: State, loss_and_norm, caught) -> list:
-    """(skip, stop), decided by one sync per step for every process alike: skip an update whose loss or
-    gradient norm is not finite (the norm is all-reduced already, the loss is not); stop on a signal."""
-    flags = torch.stack([(~torch.isfinite(loss_and_norm)).float(), torch.tensor(float(bool(caught)), device=s.device)])
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [f > 0 for f in flags.tolist()]
-
-
-def skip_update(s: State, done: int):
-    """No optimiser step: the weights and AdamW's moments stay as they were. Three in a row end the run."""
-    s.skipped, s.in_a_row = s.skipped + 1, s.in_a_row + 1
-    s.log(f"step {done:5d}/{s.cfg.steps}  update skipped: non-finite loss or gradient norm ({s.skipped} so far)")
-    if s.in_a_row == 3:
-        raise ValueError(f"steps {done - 2}..{done} all had a non-finite loss or gradient norm: the run diverged; "
-                         f"lower --lr (now {s.cfg.lr:g}); {kept(s)}")
-
-
-def save(s: State, done: int, last: bool):
-    """The checkpoint, every --save-interval after a good update, and at the last step or a stop, which
-    need none: a skipped step left the weights as the last good one made them. Rank 0 writes and every
-    process learns how it went, so that all go on or end together. A failed write (a full disk) keeps the
-    previous checkpoint and training goes on, but the last save must succeed; a checkpoint that would hold
-    non-finite tensors (a finite update that overflowed) ends the run."""
-    if not (last or done % s.cfg.save_interval == 0 and not s.in_a_row):
-        return
-    path, error = os.path.join(s.cfg.out, "checkpoint.safetensors"), None
-    if s.rank == 0:
-        try:
-            save_checkpoint(path, s.model, s.opt, done, s.cfg)
-        except (OSError, ValueError) as e:
-            error = e
-    failed = torch.tensor(0.0 if error is None else 1.0 if isinstance(error, OSError) else 2.0, device=s.device)
-    if dist.is_initialized():
-        dist.broadcast(failed, src=0)
-    if failed == 0:
-        s.saved = done
-    elif failed == 1 and not last:
-        s.log(f"could not save {path} at step {done} ({error}); {kept(s)}; training goes on", flush=True)
-    else:
-        end_processes(s)  # together: a process left waiting for the others would hang
-        if failed == 2:
-            raise error or ValueError(f"rank 0 refused to save {path} at step {done}: the run diverged")
-        raise OSError(f"could not save {path} at step {done} ({error or 'on rank 0'}); {kept(s)}")
-
-
-def kept(s: State) -> str:
-    path = os.path.join(s.cfg.out, "checkpoint.safetensors")
-    return f"{path} holds step {s.saved}" if s.saved else f"no checkpoint in {s.cfg.out}"
-
-
-def halt(s: State, caught, done: int):
-    """Stop after this step, saved, exiting 128 + the signal (another process may have caught it)."""
-    signum = caught[0] if caught else signal.SIGTERM
-    s.log(f"stopped by {signal.Signals(signum).name} after step {done}; {kept(s)}: --resume continues")
-    end_processes(s)
-    sys.exit(128 + signum)
+@torch.no_grad()
+def held_out_loss(s: SimpleNamespace, cfg: TrainConfig) -> float:
+    idx, total = s.held.spread(cfg.eval_windows), 0.0
+    for i in range(0, len(idx), cfg.batch_size):
+        x, y = s.held.batch(idx[i:i + cfg.batch_size], s.device)
+        with s.autocast:
+            total += s.model(x, depth=max(cfg.depths), labels=y).float().item() * len(x)
+    return total / len(idx)
 
 
 @contextmanager
 def deferred_signals():
-    """SIGTERM (a cluster's preemption) and SIGINT are noted, not obeyed at once: the loop finishes its
-    optimiser step, saves and exits 128 + signal. A second one acts at once, as without this."""
-    caught = []
-
+    """SIGTERM (a cluster's preemption) and SIGINT are noted, not obeyed at once: the loop finishes its step,
+    saves and exits 128 + signal. A second one acts at once."""
     def note(signum, frame):
         caught.append(signum)
         signal.signal(signum, previous[signum])
 
-    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    caught, previous = [], {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield caught
     finally:
@@ -254,74 +265,88 @@ def deferred_signals():
             signal.signal(s, handler)
 
 
-def end_processes(s: State):
-    if dist.is_initialized():  # leave together: a rank that tears down while rank 0 still saves can abort
-        dist.barrier()
-        dist.destroy_process_group()
+def write_atomic(file: str, data: bytes):
+    """Replace `file` all at once: a temporary file, synced to disk, then renamed over it."""
+    with open(file + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(file + ".tmp", file)
 
 
-# ----------------------------------------------------------------------------------------------
-# --dry-run: the layer split and the parameter table, from config.json alone (on the meta device)
+def save_checkpoint(path: str, model: Ouroboros, opt, step: int):
+    """The trainable tensors and AdamW's moments, in one safetensors file, written atomically."""
+    tensors = {f"model.{n}": p.detach().cpu() for n, p in model.trainable().items()}
+    for n, p in model.trainable().items():
+        tensors |= {f"optim.{n}.{k}": v.detach().cpu() for k, v in opt.state.get(p, {}).items()}
+    write_atomic(path, save(tensors, metadata={"step": str(step)}))
 
-def describe(path: str, oc: OuroborosConfig) -> str:
-    config = load_config(path)
-    pre, r, post, removed = oc.split(config.num_hidden_layers)
-    with torch.device("meta"):
+
+def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:
+    """Restore the trainable tensors (and AdamW's state); returns the step they were saved at."""
+    with safe_open(path, "pt") as f:
+        step, tensors = int(f.metadata()["step"]), load_file(path)
+    with torch.no_grad():
+        for n, p in model.trainable().items():
+            p.copy_(tensors[f"model.{n}"])
+            if opt:  # AdamW keeps its step count on the CPU
+                opt.state[p] = {k.rsplit(".", 1)[1]: v if k.endswith(".step") else v.to(p.device)
+                                for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
+    return step
+
+
+def claim(cfg: TrainConfig, resume: bool):
+    """Refuse an --out this run would damage: anything but a new or empty folder, or a run of train.py's own."""
+    ckpt, own = os.path.join(cfg.out, "checkpoint.safetensors"), os.path.join(cfg.out, "config.json")
+    ours = os.path.isfile(own) and '"depths"' in open(own).read()
+    if os.path.exists(cfg.out) and not ours and (os.path.isfile(cfg.out) or os.listdir(cfg.out)):
+        raise ValueError(f"--out {cfg.out} is not a run of train.py, nor a new or empty folder: name another")
+    if os.path.exists(ckpt) != resume:
+        raise ValueError(f"--resume: {cfg.out} holds no checkpoint" if resume else
+                         f"{ckpt} exists: pass --resume to continue that run, or another --out")
+
+
+def dry_run(cfg: TrainConfig):
+    """The split, the parameters and the memory of a step, from config.json alone: the model is built on the meta
+    device, and a step there counts the bytes that autograd keeps for backward."""
+    config, dtype = load_config(cfg.model), placement(cfg.device, cfg.precision)[1]
+    pre, r, post, removed = cfg.split(config.num_hidden_layers)
+    with torch.device("meta"):  # in bf16 too, near enough what autocast keeps
         base = Transformer(config, pre + [r] + post)
-        linears = {t: getattr(*projection(base.layers[str(r)], t)) for t in TARGETS}
-        bases = {t: (torch.empty(oc.rank, m.in_features), torch.empty(m.out_features, oc.rank))
-                 for t, m in linears.items()}
-        model = Ouroboros(base, oc, bases if oc.variant != "none" else None)
-    span = lambda ids: f"{ids[0]}..{ids[-1]}" if ids else "-"
-    return (f"{path}: {config.num_hidden_layers} layers, d={config.hidden_size}; prelude {span(pre)}, recurrent {r}, "
-            f"coda {span(post)}, {len(removed)} removed\n" + parameter_table(model))
+        shapes = {t: getattr(*projection(base.layers[str(r)], t)).weight.shape for t in TARGETS}
+        model = Ouroboros(base, cfg, {t: (torch.empty(cfg.rank, i), torch.empty(o, cfg.rank)) for t, (o, i) in
+                                      shapes.items()}).to(dtype)
+        print(f"{config.num_hidden_layers} layers: prelude {pre}, recurrent {r}, coda {post}, {len(removed)} removed")
+        for top, module in model.named_children():
+            print(f"{top:<12}{sum(p.numel() for p in module.parameters() if p.requires_grad):>12,} trainable")
+        held = sum(p.nbytes for p in model.parameters()) + 3 * sum(p.nbytes for p in model.trainable().values())
+        ids = torch.zeros(cfg.batch_size, cfg.seq_len, dtype=torch.long)
+        for model.checkpoint_steps in (False, True):  # + the gradients and AdamW's moments of what trains
+            kept = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
+                model(ids, max(cfg.depths), labels=ids).backward()
+            print(f"memory, {dtype}, depth {max(cfg.depths)}{', --checkpoint-steps' * model.checkpoint_steps}: "
+                  f"{held / 2**30:.2f} GiB of weights + {sum(kept) / 2**30:.2f} GiB kept for backward")
 
 
-def parameter_table(model: Ouroboros, base_dtype=torch.bfloat16) -> str:
-    rows, kind = {}, {i: "prelude" for i in model.prelude_ids} | {i: "coda" for i in model.coda_ids}
-    tied = model.base.config.tie_word_embeddings
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if parts[:2] == ["base", "layers"]:
-            group = "SVD bases A, B" if parts[-1] in ("A", "B") else kind.get(int(parts[2]), "recurrent layer")
-        elif parts[0] == "base":
-            group = {"embed_tokens": "embedding (tied lm_head)" if tied else "embedding", "norm": "final norm",
-                     "lm_head": "lm_head"}[parts[1]]
-        else:
-            group = {"diagonals": model.config.variant, "gate": "gate", "step_norm": "step norms"}[parts[0]]
-        frozen, trainable = rows.get(group, (0, 0))
-        rows[group] = (frozen + p.numel() * (not p.requires_grad), trainable + p.numel() * p.requires_grad)
-    frozen, trainable = (sum(r[i] for r in rows.values()) for i in (0, 1))
-    lines = [f"{'module':<26}{'frozen':>15}{'trainable':>15}"]
-    lines += [f"{g:<26}{f:>15,}{t:>15,}" for g, (f, t) in rows.items()]
-    size = torch.finfo(base_dtype).bits // 8
-    return "\n".join(lines + [f"{'total':<26}{frozen:>15,}{trainable:>15,}",
-                              f"weights: {frozen * size / 2**30:.2f} GiB frozen ({base_dtype}) + "
-                              f"{trainable * 4 / 2**20:.1f} MiB trainable fp32 "
-                              f"(+ {trainable * 12 / 2**20:.1f} MiB grads and AdamW moments)"])
+def cli(main, argv=None):
+    """Run main(argv); the mistakes this project raises (ValueError, OSError) end in one `error:` line."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
 
 
 def main(argv=None):
-    """Every flag is a declared setting (run.py). What can only fail, an --out that cannot take this run
-    and, on --resume, a change to what the run computes are refused all at once, before anything loads."""
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[FLAGS])
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="build on the meta device, print the parameters, exit")
-    a = p.parse_args(argv)
-    given = {k: v for k, v in vars(a).items() if k in SETTINGS}
-    if a.dry_run:
-        cfg = settings(given)
-        if found := problems(cfg):
-            raise ValueError("; ".join(found))
-        print(describe(cfg.model or default_model(), cfg.ouroboros))
-        return
-    with claim(given, a.resume) as cfg:
-        cfg.model = cfg.model or default_model()
-        train(cfg, a.resume)
+    cfg, resume, dry = parse(argv)
+    if dry:
+        return dry_run(cfg)
+    claim(cfg, resume)
+    train(cfg, resume)
     if cfg.final_eval and "RANK" not in os.environ:  # eval.py is its own program: train.py never imports it
-        sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out,
-                                 "--device", cfg.device, "--precision", cfg.precision]).returncode)
+        sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out, "--device",
+                                 cfg.device, "--precision", cfg.precision]).returncode)
 
 
 if __name__ == "__main__":
-    cli(main, sys.argv[1:])
+    cli(main)
