@@ -319,6 +319,20 @@ class Ouroboros(nn.Module):
         """{name: tensor} of what trains: the controller (or its ablation), the gate and the step norms."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def kept_bytes(self, batch: int, seq_len: int, depth: int, checkpointed: bool) -> int:
+        """What autograd keeps for backward in a training step, counted on the meta device (train.py --dry-run): a
+        storage once however many views, not the weights, nor attention's [T, T] scores (fused kernels keep none)."""
+        weights, kept, ids = {id(p.untyped_storage()) for p in self.parameters()}, {}, torch.zeros(batch, seq_len).long()
+
+        def keep(t):
+            if id(s := t.untyped_storage()) not in weights and tuple(t.shape[-2:]) != (seq_len, seq_len):
+                kept[id(s)] = s.nbytes()
+            return t
+        self.checkpoint_steps = checkpointed
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            self(ids, depth, labels=ids).backward()
+        return sum(kept.values())
+
     def setup_caches(self, batch: int, max_len: int, depth: int):
         """The decoding state: a KVCache per prelude and coda layer and per recurrent step, and the controller's
         running sum of the state per step (fp32)."""

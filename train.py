@@ -307,11 +307,11 @@ def claim(cfg: TrainConfig, resume: bool):
 
 
 def dry_run(cfg: TrainConfig):
-    """The split, the parameters and the memory of a step, from config.json alone: the model is built on the meta
-    device, and a step there counts the bytes that autograd keeps for backward."""
+    """The split, the parameters and the peak memory of a training step, from config.json alone: the model is built
+    on the meta device, and a step there counts what autograd keeps for backward."""
     config, dtype = load_config(cfg.model), placement(cfg.device, cfg.precision)[1]
     pre, r, post, removed = cfg.split(config.num_hidden_layers)
-    with torch.device("meta"):  # in bf16 too, near enough what autocast keeps
+    with torch.device("meta"):  # in bf16: what autocast keeps, near enough
         base = Transformer(config, pre + [r] + post)
         shapes = {t: getattr(*projection(base.layers[str(r)], t)).weight.shape for t in TARGETS}
         model = Ouroboros(base, cfg, {t: (torch.empty(cfg.rank, i), torch.empty(o, cfg.rank)) for t, (o, i) in
@@ -319,14 +319,15 @@ def dry_run(cfg: TrainConfig):
         print(f"{config.num_hidden_layers} layers: prelude {pre}, recurrent {r}, coda {post}, {len(removed)} removed")
         for top, module in model.named_children():
             print(f"{top:<12}{sum(p.numel() for p in module.parameters() if p.requires_grad):>12,} trainable")
-        held = sum(p.nbytes for p in model.parameters()) + 3 * sum(p.nbytes for p in model.trainable().values())
-        ids = torch.zeros(cfg.batch_size, cfg.seq_len, dtype=torch.long)
-        for model.checkpoint_steps in (False, True):  # + the gradients and AdamW's moments of what trains
-            kept = []
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
-                model(ids, max(cfg.depths), labels=ids).backward()
-            print(f"memory, {dtype}, depth {max(cfg.depths)}{', --checkpoint-steps' * model.checkpoint_steps}: "
-                  f"{held / 2**30:.2f} GiB of weights + {sum(kept) / 2**30:.2f} GiB kept for backward")
+        weights = sum(p.nbytes for p in model.parameters()) + 16 * sum(p.numel() for p in model.trainable().values())
+        loss = 8 * min(1024, cfg.batch_size * cfg.seq_len) * config.vocab_size  # a chunk of logits, its softmax
+        print(f"peak memory of a step (batch {cfg.batch_size} x {cfg.seq_len}, {dtype}), GiB: weights {weights / 2**30:.2f}"
+              f" (and what trains: fp32, gradients, AdamW) + the loss's logits {loss / 2**30:.2f} + activations:")
+        for depth in cfg.depths:
+            kept = [model.kept_bytes(cfg.batch_size, cfg.seq_len, depth, ck) for ck in (False, True)]
+            kept[1] += (kept[0] - kept[1]) / depth  # one step, recomputed in backward
+            print(f"  depth {depth:2d}: " + "; with --checkpoint-steps ".join(
+                f"{k / 2**30:.2f} -> {(weights + loss + k) / 2**30:.2f}" for k in kept))
 
 
 def cli(main, argv=None):
