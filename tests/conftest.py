@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+# the extras' own tests import them as modules, after the reference
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extras"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
