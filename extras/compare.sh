@@ -6,15 +6,15 @@
 # finished run is skipped, a killed one resumes from its last checkpoint, and evaluated runs keep their
 # per-window losses, so a second call does only what is missing.
 #
-#   bash compare.sh          # 6 trained variants x seeds 0, 1, 2 -> results/compare  (~2 h on 2 CPU cores)
-#   bash compare.sh ranks    # controller and static at rank 8 and 64, seed 0 -> results/ranks  (~30 min more)
-#   bash compare.sh exits    # every step decodable, two ways, seed 0, and their exit heads -> results/exits
-#   bash compare.sh qwen     # controller and static on Qwen2.5-Coder-0.5B, seeds 0, 1 -> results/qwen
-#                            # (bash setup.sh --qwen first)
+#   bash extras/compare.sh          # 6 trained variants x seeds 0, 1, 2 -> results/compare  (~2 h on 2 CPU cores)
+#   bash extras/compare.sh ranks    # controller and static at rank 8 and 64, seed 0 -> results/ranks  (~30 min more)
+#   bash extras/compare.sh exits    # every step decodable, two ways, seed 0, and their exit heads -> results/exits
+#   bash extras/compare.sh qwen     # controller and static on Qwen2.5-Coder-0.5B, seeds 0, 1 -> results/qwen
+#                                   # (bash setup.sh --qwen first)
 #
 # The tables are rewritten after every run, so results/ holds whatever has finished.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root: runs/ and results/ are there
 PY=${PYTHON:-.venv/bin/python}
 RUNS=runs/compare
 EVAL=(--depths 1,4,8,16 --windows 48)
@@ -75,9 +75,9 @@ if [ "${1:-}" = qwen ]; then  # the paper's family: 5 + [12] + 5 of Qwen2.5's 24
 elif [ "${1:-}" = exits ]; then  # which way of training makes every step decodable, and what an exit wins
     for v in every-uniform every-readout; do
         run $v 0
-        [ -f "$RUNS/$v-s0/exit.safetensors" ] || "$PY" exits.py --run "$RUNS/$v-s0"
-        "$PY" eval.py --run "$RUNS/$v-s0" --depths 8 --windows 16 --adaptive 0.02,0.03,0.05,0.07,0.1,0.15 \
-            --out "results/exits/$v" > /dev/null
+        [ -f "$RUNS/$v-s0/exit.safetensors" ] || "$PY" extras/exits.py head --run "$RUNS/$v-s0"
+        "$PY" extras/exits.py eval --run "$RUNS/$v-s0" --depth 8 --windows 16 \
+            --latent-diff 0.02,0.03,0.05,0.07,0.1,0.15 --out "results/exits/$v" > /dev/null
     done
 elif [ "${1:-}" = ranks ]; then  # beside rank 32 (seeds 0, 1, 2 of the main comparison)
     names=()
