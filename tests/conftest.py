@@ -1,14 +1,30 @@
-"""Tiny random HF checkpoints, written by transformers itself, for the tests to load."""
+"""What the tests build: tiny random HF checkpoints written by transformers itself (the oracle), a tiny model
+folder with a real byte-level BPE tokenizer, a corpus, and train.py's flags for a run of seconds.
+
+Everything the tests compare with a CPU reference is pinned to the CPU (--device cpu, models built on the CPU):
+on a GPU machine device "auto" would move it to CUDA. Tests marked `cuda` run only where CUDA is."""
 import copy
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-# the extras' own tests import them as modules, after the reference
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "extras"))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "extras"))  # the extras' own tests import them as modules, after the reference
+sys.path.insert(0, ROOT)
+
+# One thread: the tests' tensors are tiny, and on a machine shared with other work two OpenMP threads waiting on
+# each other made them up to 50x slower. Programs the tests start get OMP_NUM_THREADS=1 (program(), torchrun).
+torch.set_num_threads(1)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA GPU (skipped elsewhere: needs CUDA)")
+    config.addinivalue_line("markers", "compile: runs torch.compile (deselect with -m 'not compile')")
 
 
 TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=128, tied=False)  # make_checkpoint's shape
@@ -40,17 +56,17 @@ def make_checkpoint(path, arch="qwen2", max_shard_size=None, disk_dtype=torch.fl
 
 
 def ouroboros(path, dtype=torch.float32, **oc):
-    """The Ouroboros model of a folder, with the OuroborosConfig of `oc` (prelude, recurrent, coda, rank, ...)."""
+    """The Ouroboros model of a folder, on the CPU, with the OuroborosConfig of `oc` (prelude, recurrent, ...)."""
     from load_qwen import load_ouroboros
     from model import OuroborosConfig
-    return load_ouroboros(path, OuroborosConfig(**oc), dtype)
+    return load_ouroboros(path, OuroborosConfig(**oc), dtype, "cpu")
 
 
 def splits(sources, model, held_out=0.05, text_field="text", cache=None):
-    """data.load_splits of these sources and model folder."""
+    """data.load_splits of these sources and model folder: the (train, held_out) token streams."""
     import data
-    from run import settings
-    cfg = settings({"model": model, "data": list(sources), "held_out": held_out, "text_field": text_field})
+    from train import TrainConfig
+    cfg = TrainConfig(model=model, data=list(sources), held_out=held_out, text_field=text_field)
     return data.load_splits(cfg, cache=cache)
 
 
@@ -115,25 +131,65 @@ def make_corpus(path, n_docs=30, seed=0):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """Every test's token files go to a private cache, never the repository's cache/tokens."""
+    import data
+    cache, real = str(tmp_path_factory.mktemp("tokens")), data.CACHE
+    data.CACHE = cache
+    yield cache
+    data.CACHE = real
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(a tiny model folder, a corpus, a token cache folder), for the training and evaluation tests."""
+def setup(tmp_path_factory, token_cache):
+    """(a tiny model folder, a corpus, the token cache), for the training and evaluation tests."""
     tmp = tmp_path_factory.mktemp("train")
     model = make_model_folder(str(tmp / "model"))
     corpus = make_corpus(str(tmp / "corpus"))
-    return model, corpus, str(tmp / "cache")
+    return model, corpus, token_cache
 
 
 def train_args(setup, out, *extra):
-    """train.py's flags for a tiny run of `setup` (model, corpus, token cache) into `out`."""
+    """train.py's flags for a tiny run of `setup` (model, corpus, token cache) into `out`, on the CPU."""
     model, corpus, _ = setup
     return ["--model", model, "--data", corpus, "--out", out, "--prelude", "1", "--recurrent", "2", "--coda", "1",
             "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--eval-interval", "2", "--save-interval", "2",
             "--eval-windows", "4", "--log-interval", "1", "--depths", "1,2,3", "--no-final-eval", "--rank", "8",
-            *extra]
+            "--device", "cpu", *extra]
 
 
 def logged_losses(text):
     """The losses train.py logged, in order."""
     return [float(line.split("  loss ")[1].split()[0]) for line in text.splitlines()
             if line.startswith("step") and "  loss " in line]
+
+
+# A program run as `python <script> ...` whose token files go to the cache named first: python WITH_CACHE cache
+# script args. The script runs as __main__, as from the shell; data.CACHE is set before it imports data.
+WITH_CACHE = """import runpy, sys
+sys.path.insert(0, {root!r})
+import data
+data.CACHE = sys.argv.pop(1)
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def program(script, *argv, cache=None, timeout=300, **kw):
+    """Run one of the project's programs (train.py, eval.py, generate.py, data.py) in a fresh Python, its token
+    cache `cache`; returns the CompletedProcess (text)."""
+    code = WITH_CACHE.format(root=ROOT)
+    args = [sys.executable, "-c", code, cache or os.path.join(ROOT, "cache"), os.path.join(ROOT, script), *argv]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
+
+
+def cli_error(main, argv):
+    """The one line train.cli ends `main(argv)` with on a mistake (the exit status is 1 whenever sys.exit gets a
+    string); fails if it returned instead."""
+    from train import cli
+    with pytest.raises(SystemExit) as e:
+        cli(main, argv)
+    assert isinstance(e.value.code, str), f"exit status {e.value.code}, not an error line"
+    return e.value.code
