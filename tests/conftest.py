@@ -76,7 +76,7 @@ def randomise_trainable(model, seed=0, scale=0.3):
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=g))
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.device))
 
 
 def byte_tokens():
