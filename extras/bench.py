@@ -1,7 +1,7 @@
 """Benchmarks, one run, one table: every figure with the reference it is compared to, measured here.
 
-    python bench.py            # CPU: reduced shapes; GPU rows are listed as skipped
-    python bench.py --quick    # one timed repeat
+    python extras/bench.py            # CPU: reduced shapes; GPU rows are listed as skipped
+    python extras/bench.py --quick    # one timed repeat
 
 Rows
  1. decoder forward, ours vs transformers' Qwen2ForCausalLM (SmolLM2-135M shape, batch 4 x 256)
@@ -12,24 +12,28 @@ Rows
  3. controller overhead: one recurrent step with controller + SVD-LoRA + step norm + gate vs the
     bare layer (forward + backward)
  4. torch.compile of the recurrent step, on vs off
- 5-6. the data pipeline's memory and speed: bench_data.py
- 7-8, 10-15. decoding: bench_decode.py
+ 5-6. the data pipeline's memory and speed: extras/bench_data.py
+ 7-8, 10-15. decoding: extras/bench_decode.py
  9. eval.py's per-window losses at depths 1, 4, 8, 16: one pass (the loop once, the coda reading out
     each depth) vs a forward per depth (8 windows of 256 tokens)
 """
 import argparse
 import dataclasses
 import importlib.util
+import os
 import statistics
+import sys
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from controller import TARGETS
-from eval import per_window
-from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection
+import torch  # noqa: E402  (the reference's modules, from the repository root)
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from controller import TARGETS  # noqa: E402
+from eval import per_window  # noqa: E402
+from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer, projection, rope  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, rms_norm_eps=1e-5)
@@ -148,7 +152,7 @@ class StatefulLoRA(nn.Module):
         self.base, self.A, self.B, self.scale, self.c = base, A, B, scale, None
 
     def forward(self, x):
-        return self.base(x) + self.scale * ((x @ self.A.t()) * self.c[:, None]) @ self.B.t()
+        return self.base(x) + self.scale * ((x @ self.A.t()) * self.c) @ self.B.t()
 
 
 class TransformersLooped(nn.Module):
@@ -164,21 +168,20 @@ class TransformersLooped(nn.Module):
         device, dtype = ours.base.embed_tokens.weight.device, ours.base.embed_tokens.weight.dtype
         self.oc, self.rotary = ours.config, Qwen2RotaryEmbedding(hf).to(device)
         self.embed, self.norm, self.head = ours.base.embed_tokens, ours.base.norm, ours.base.lm_head
+        self.prelude_ids, r, self.coda_ids, _ = ours.config.split(c.num_hidden_layers)
         self.layers = nn.ModuleDict()
         for i, layer in ours.base.layers.items():
             theirs = Qwen2DecoderLayer(hf, int(i)).to(device, dtype)
             theirs.load_state_dict({k.replace(".base.", "."): v for k, v in layer.state_dict().items()
                                     if not k.endswith((".A", ".B"))})
             self.layers[i] = theirs.requires_grad_(False)
-        r = str(ours.recurrent_id)
-        self.recurrent, self.loras = self.layers[r], {}
+        self.recurrent, self.loras = self.layers[str(r)], {}
         for t in TARGETS:
             lo = getattr(*projection(ours.recurrent, t))
             parent, name = projection(self.recurrent, t)
             self.loras[t] = StatefulLoRA(getattr(parent, name), lo.A, lo.B, lo.scale)
             setattr(parent, name, self.loras[t])
-        self.prelude_ids, self.coda_ids = ours.prelude_ids, ours.coda_ids
-        self.diagonals, self.step_norm, self.gate = ours.diagonals, ours.step_norm, ours.gate
+        self.controller, self.step_norm, self.gate = ours.controller, ours.step_norm, ours.gate
 
     def forward(self, ids, depth, labels):
         h = self.embed(ids)
@@ -188,7 +191,7 @@ class TransformersLooped(nn.Module):
         for i in self.prelude_ids:
             h = run(i, h)
         for k in range(depth):
-            for t, c in self.diagonals(h, k).items():  # pool="mean": one diagonal per sequence
+            for t, c in self.controller(h, k, pos[0]).items():  # pool="mean": one diagonal per sequence
                 self.loras[t].c = c
             h = self.gate(self.step_norm(self.recurrent(h, position_embeddings=pe, position_ids=pos), k), h)
         for i in self.coda_ids:
@@ -223,7 +226,7 @@ def train_step(model, ids, labels, depth, autocast, pool):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        model.diagonals.pool = pool  # ours and the reference share one controller
+        model.controller.causal = pool == "causal"  # ours and the reference share one controller
         with autocast:
             loss = model(ids, depth, labels)
         loss.backward()
@@ -268,13 +271,13 @@ def row_overhead(device, dtype, reps):
     model = random_ouroboros(SMOLLM2, dtype, device)
     B, T = 4, 256
     h = torch.randn(B, T, SMOLLM2["hidden_size"], device=device, dtype=dtype, requires_grad=True)
-    cos, sin = model.base.rope(T, h)
+    tables = rope(model.base.config, torch.arange(T, device=device), dtype)
 
     def bare():
-        model.recurrent(h, cos, sin).sum().backward()
+        model.recurrent(h, tables).sum().backward()
 
     def full():
-        model.step(h, 3, cos, sin).sum().backward()
+        model.step(h, 3, tables).sum().backward()
 
     t_full, t_bare = timed([full, bare], device, reps)
     _, step, bare_flops = train_flops(model.base.config, model.config, B, T, 1)
@@ -286,7 +289,7 @@ def row_overhead(device, dtype, reps):
 def row_compile(device, dtype, reps):
     B, T, depth = (2, 256, 4) if device.type == "cpu" else (4, 2048, 8)
     model = random_ouroboros(SMOLLM2, dtype, device)
-    ids = torch.randint(0, 49152, (B, T), device=device)
+    ids = torch.randint(0, SMOLLM2["vocab_size"], (B, T), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     eager_step, compiled_step = model.step, torch.compile(model.step)  # as train.py --compile

@@ -16,9 +16,9 @@ def test_transformers_layer_reference_matches_ours_with_mean_pooling():
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     a = ours(ids, 3, labels)
-    (ga,) = torch.autograd.grad(a, ours.diagonals.state_proj.weight)
+    (ga,) = torch.autograd.grad(a, ours.controller.state_proj.weight)
     b = theirs(ids, 3, labels)
-    (gb,) = torch.autograd.grad(b, ours.diagonals.state_proj.weight)
+    (gb,) = torch.autograd.grad(b, ours.controller.state_proj.weight)
     assert abs(a.item() - b.item()) < 1e-5
     assert torch.allclose(ga, gb, atol=1e-6) and ga.abs().sum() > 0
 
