@@ -2,8 +2,8 @@
 same run: the peak memory of `python data.py` on a small and a large corpus (it must not grow with the
 corpus), and data.py's tokenising speed against `encode_batch` on the same text already in memory.
 
-    python bench_data.py            # 10M and 100M tokens (~12 min on 2 CPU cores)
-    python bench_data.py --quick    # 1M and 4M tokens, one timed repeat
+    python extras/bench_data.py            # 10M and 100M tokens (~12 min on 2 CPU cores)
+    python extras/bench_data.py --quick    # 1M and 4M tokens, one timed repeat
 """
 import argparse
 import contextlib
@@ -16,18 +16,21 @@ import subprocess
 import sys
 import tempfile
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-import data
-from bench import timed
-from load_qwen import default_model, load_tokenizer
-from run import Parser, cli, settings
+import torch  # noqa: E402  (the reference's modules, from the repository root)
+
+import data  # noqa: E402
+from bench import timed  # noqa: E402
+from load_qwen import DEFAULT_MODEL, load_tokenizer  # noqa: E402
+from train import TrainConfig, cli  # noqa: E402
 
 
 def synthetic_corpus(folder, tokens, tokenizer, seed=0, shards=8):
     """About `tokens` tokens in .jsonl shards: the default corpus's paragraphs, shuffled and regrouped
     into documents of 2-40 paragraphs, so the text has real token statistics at any size."""
-    paragraphs = [p for text, _ in data.documents(data.find_files([])) for p in text.split("\n\n") if p.strip()]
+    paragraphs = [p for text in data.documents(data.find_files([])) for p in text.split("\n\n") if p.strip()]
     sample = "\n\n".join(paragraphs[:2000])
     chars = tokens * len(sample) / len(tokenizer.encode(sample).ids)
     rng = random.Random(seed)
@@ -52,6 +55,14 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
 """
+# `python data.py ARGS` with its token files in CACHE (not the repository's cache/): python -c DATA_PY CACHE ARGS
+DATA_PY = f"""import runpy, sys
+sys.path.insert(0, {ROOT!r})
+import load_qwen
+load_qwen.CACHE = sys.argv.pop(1)
+sys.argv[0] = {os.path.join(ROOT, "data.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def peak_rss(cmd) -> int:
@@ -68,9 +79,8 @@ def row_data_memory(model, tokenizer, sizes, tmp):
     measured = []
     for n in sizes:
         corpus, cache = synthetic_corpus(os.path.join(tmp, f"corpus{n}"), n, tokenizer), os.path.join(tmp, "cache")
-        rss = peak_rss([sys.executable, os.path.join(data.ROOT, "data.py"), "--model", model, "--data", corpus,
-                        "--cache", cache])
-        streams = data.load_splits(settings({"model": model, "data": [corpus]}), cache=cache)  # prepared: the counts
+        rss = peak_rss([sys.executable, "-c", DATA_PY, cache, "--model", model, "--data", corpus])
+        streams = data.load_splits(TrainConfig(model=model, data=[corpus]), cache=cache)  # prepared: the counts
         measured.append((rss, sum(map(len, streams))))
         shutil.rmtree(corpus)
         shutil.rmtree(cache)
@@ -83,10 +93,8 @@ def row_data_memory(model, tokenizer, sizes, tmp):
 
 def row_tokenise(model, tokenizer, tokens, tmp, reps):
     corpus = synthetic_corpus(os.path.join(tmp, "corpus_speed"), tokens, tokenizer, seed=1)
-    texts = [t for t, _ in data.documents(data.find_files([corpus]))]
-    cache = os.path.join(tmp, "cache_speed")
-
-    cfg = settings({"model": model, "data": [corpus]})
+    texts = list(data.documents(data.find_files([corpus])))
+    cache, cfg = os.path.join(tmp, "cache_speed"), TrainConfig(model=model, data=[corpus])
 
     def ours():
         shutil.rmtree(cache, ignore_errors=True)
@@ -101,12 +109,11 @@ def row_tokenise(model, tokenizer, tokens, tmp, reps):
             f"{n / 1e6:.1f}M tokens, SmolLM2 tokenizer, {os.cpu_count()} cores; the limit is 1.00x")
 
 
-def main(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller corpora, one timed repeat")
     a = p.parse_args(argv)
-    model = default_model()
-    tokenizer = load_tokenizer(model)
+    model, tokenizer = DEFAULT_MODEL, load_tokenizer(DEFAULT_MODEL)
     with tempfile.TemporaryDirectory() as tmp:  # corpora of up to ~400 MB, removed after
         rows = [row_data_memory(model, tokenizer, (1e6, 4e6) if a.quick else (1e7, 1e8), tmp),
                 row_tokenise(model, tokenizer, 5e5 if a.quick else 2e6, tmp, 1 if a.quick else 3)]
@@ -116,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main, sys.argv[1:])
+    cli(main)
