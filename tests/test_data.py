@@ -112,6 +112,8 @@ def test_draw_is_a_function_of_seed_step_and_micro_step():
     draws = {(step, micro): w.draw(cfg, step, micro) for step in range(11) for micro in range(3)}
     assert sorted(i for idx, _ in draws.values() for i in idx) == list(range(99))
     assert {depth for _, depth in draws.values()} == {1, 2, 3}
+    one = TrainConfig(batch_size=3, depths=[1, 2, 3])  # a depth drawn per batch: it varies from step to step
+    assert {w.draw(one, step, 0)[1] for step in range(30)} == {1, 2, 3}
     assert data.Windows(w.tokens, 10).draw(cfg, 5, 1) == draws[5, 1]  # nothing carried from earlier draws
     assert w.draw(cfg, 11, 0)[0] != draws[0, 0][0]  # the next epoch
     assert w.draw(TrainConfig(batch_size=3, grad_accum=3, depths=[1, 2, 3], seed=1), 0, 0) != draws[0, 0]

@@ -373,13 +373,14 @@ def test_resume_accepts_more_steps_and_the_free_settings(setup, whole):
     assert (cfg.lr, cfg.rank, cfg.depths) == (0.01, 8, [1, 2, 3])
 
 
-def test_a_run_whose_config_lacks_a_setting_added_since_still_loads_and_resumes(setup, whole, tmp_path):
+def test_a_run_whose_config_lacks_a_setting_added_since_or_has_one_removed_loads_and_resumes(setup, whole, tmp_path):
     out = str(tmp_path / "older")
     shutil.copytree(whole[0], out)
     file = os.path.join(out, "config.json")
     raw = json.load(open(file))
     for added in ("readout", "label_offset", "tf32", "compile"):
         del raw[added]
+    raw["kv_dtype"] = "auto"  # and one since removed
     json.dump(raw, open(file, "w"))
     cfg = read_config(out)
     assert (cfg.readout, cfg.label_offset, cfg.tf32, cfg.lr) == ("last", 1, False, 0.01)
