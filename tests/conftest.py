@@ -5,7 +5,6 @@ Everything the tests compare with a CPU reference is pinned to the CPU (--device
 on a GPU machine device "auto" would move it to CUDA. Tests marked `cuda` run only where CUDA is."""
 import copy
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "extras"))  # the extras' own tests import
 sys.path.insert(0, ROOT)
 
 # One thread: the tests' tensors are tiny, and on a machine shared with other work two OpenMP threads waiting on
-# each other made them up to 50x slower. Programs the tests start get OMP_NUM_THREADS=1 (program(), torchrun).
+# each other made them up to 50x slower. Programs the tests start get OMP_NUM_THREADS=1.
 torch.set_num_threads(1)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -166,7 +165,7 @@ def logged_losses(text):
 
 
 # A program run as `python <script> ...` whose token files go to the cache named first: python WITH_CACHE cache
-# script args. The script runs as __main__, as from the shell; data.CACHE is set before it imports data.
+# script args (with -c). The script runs as __main__, as from the shell; data.CACHE is set before it imports data.
 WITH_CACHE = """import runpy, sys
 sys.path.insert(0, {root!r})
 import data
@@ -174,15 +173,6 @@ data.CACHE = sys.argv.pop(1)
 sys.argv.pop(0)
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-def program(script, *argv, cache=None, timeout=300, **kw):
-    """Run one of the project's programs (train.py, eval.py, generate.py, data.py) in a fresh Python, its token
-    cache `cache`; returns the CompletedProcess (text)."""
-    code = WITH_CACHE.format(root=ROOT)
-    args = [sys.executable, "-c", code, cache or os.path.join(ROOT, "cache"), os.path.join(ROOT, script), *argv]
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
 
 
 def cli_error(main, argv):
