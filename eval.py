@@ -53,12 +53,12 @@ def per_window(loss, rows: int, labels) -> torch.Tensor:
     return torch.stack([torch.stack([loss(b, y[b:b + 1]) for b in range(rows)]) for y in labels])
 
 
-def scores(fn, cfg, windows: int, offsets, device, autocast) -> dict:
-    """{split: fn's losses [..., objectives, windows]} on `windows` fixed windows of each split;
-    fn(inputs, labels of each offset) -> [..., objectives, batch]."""
+def scores(fn, cfg, windows: int, offsets, reach: int, device, autocast) -> dict:
+    """{split: fn's losses [..., objectives, windows]} on `windows` fixed windows of each split, with room for the
+    labels `reach` tokens ahead; fn(inputs, labels of each offset) -> [..., objectives, batch]."""
     got = {}
     for s, tokens in zip(SPLITS, load_splits(cfg)):
-        data = Windows(tokens, cfg.seq_len, max(offsets))
+        data = Windows(tokens, cfg.seq_len, reach)
         picked, parts = data.spread(windows), []
         for i in range(0, len(picked), cfg.batch_size):
             x, ys = data.batch(picked[i:i + cfg.batch_size], device, offsets)
@@ -78,12 +78,12 @@ def evaluate(runs, depths, windows, device="auto", precision="auto", out=None) -
         raise ValueError(f"runs in one table must share {', '.join(TABLE)}: evaluate such runs separately")
     if len(names := [(name(c), c.seed) for c in cfgs]) != len(set(names)):
         raise ValueError("two runs of the same variant and seed: a table takes each once")
-    score = lambda fn, offs: scores(fn, first, windows, offs, where, autocast)
+    score = lambda fn, offs: scores(fn, first, windows, offs, max(offsets), where, autocast)  # the same windows
     shown = os.path.relpath(first.model, ROOT)  # inside the repository: the same text on every machine
     result = {"model": first.model if shown.startswith("..") else shown, "seq_len": first.seq_len, "depths": depths,
               "split": f"{first.prelude} + [{first.recurrent}] + {first.coda}",
               "command": "python eval.py " + " ".join(sys.argv[1:]), "runs": []}
-    key = {"model": first.model, "data": first.data, "dtype": str(dtype), "windows": windows, "offsets": offsets}
+    key = {k: getattr(first, k) for k in TABLE} | {"dtype": str(dtype), "windows": windows, "offsets": offsets}
 
     def references():
         full = load_model(first.model, dtype, where)
@@ -256,7 +256,7 @@ def main(argv=None):
                    "comma-separated, each pruned, full or a variant (static, controller-causal, ...)")
     p.add_argument("--out", help="the folder for results.json, .md and .png (default: the first run's)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     a = p.parse_args(argv)
     depths = [int(d) for d in a.depths.split(",")]

@@ -76,7 +76,8 @@ def main(argv=None):
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
     p.add_argument("--compile", action="store_true", help="compile the one-token step (CUDA graphs on a GPU)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", help="auto: bf16 on GPUs and on CPUs with native bf16")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 on GPUs and on CPUs with native bf16")
     p.add_argument("--json", action="store_true", help="print the token ids and timings as JSON")
     a = p.parse_args(argv)
     if a.precision == "auto":  # a CPU with native bf16 (AVX512-BF16, AMX) decodes faster in bf16; others in fp32

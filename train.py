@@ -105,8 +105,9 @@ def parse(argv=None, description=__doc__):
     cfg.warmup = min(10, cfg.steps // 8) if cfg.warmup < 0 else cfg.warmup
     bad = [(not all(1 <= d <= cfg.max_steps for d in cfg.depths), f"--depths: each in 1..{cfg.max_steps}"),
            (not 0 < cfg.held_out < 1, "--held-out must lie between 0 and 1"),
-           (min(cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.rank, cfg.style, cfg.label_offset) < 1,
-            "--seq-len, --batch-size, --grad-accum, --steps, --rank, --style and --label-offset must be at least 1"),
+           (min(cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.rank, cfg.style, cfg.label_offset,
+                cfg.log_interval, cfg.eval_interval, cfg.eval_windows, cfg.save_interval) < 1,
+            "counts and intervals (--seq-len, --steps, --rank, --save-interval, ...) must be at least 1"),
            (not 0 <= cfg.warmup < cfg.steps, f"--warmup {cfg.warmup} must be below --steps {cfg.steps}"),
            (not cfg.lr > 0 < cfg.clip, "--lr and --clip must be positive")]
     if found := [what for wrong, what in bad if wrong]:  # the common mistakes, in one line before anything loads
@@ -184,7 +185,7 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
 def train(cfg: TrainConfig, resume: bool = False):
     """The loop: learning rate, micro-steps, clip, step, log, eval, save."""
     s = setup(cfg, resume)
-    t0, loss_sum, good, bad = time.time(), torch.zeros((), device=s.device), 0, 0
+    t0, loss_sum, good, bad, stop = time.time(), torch.zeros((), device=s.device), 0, 0, False
     with deferred_signals() as caught:
         for step in range(s.start, cfg.steps):
             done, lr = step + 1, lr_at(step, cfg)
@@ -218,7 +219,8 @@ def train(cfg: TrainConfig, resume: bool = False):
                 if s.world > 1:
                     dist.all_reduce(loss_sum)
                 tokens = (done - s.start) * cfg.batch_size * cfg.grad_accum * s.world * cfg.seq_len
-                line += f"  loss {loss_sum.item() / s.world / max(good, 1) / cfg.grad_accum:.4f}  lr {lr:.2e}  " \
+                mean = loss_sum.item() / s.world / good / cfg.grad_accum if good else math.nan  # all skipped: nan
+                line += f"  loss {mean:.4f}  lr {lr:.2e}  " \
                         f"{tokens / (time.time() - t0):,.0f} tok/s"
                 loss_sum, good = loss_sum.zero_(), 0
             if done % cfg.eval_interval == 0 or done == cfg.steps:
@@ -233,9 +235,10 @@ def train(cfg: TrainConfig, resume: bool = False):
     if s.world > 1:  # leave together: a process that tears down while rank 0 still saves can abort it
         dist.barrier()
         dist.destroy_process_group()
-    if caught:
-        s.log(f"stopped by {signal.Signals(caught[0]).name} after step {done}: --resume continues")
-        sys.exit(128 + caught[0])
+    if stop or caught:  # a signal to any process (or one after the last step's check) stops them all
+        signum = caught[0] if caught else signal.SIGTERM
+        s.log(f"stopped by {signal.Signals(signum).name} after step {done}: --resume continues")
+        sys.exit(128 + signum)
     s.log(f"trained {cfg.steps - s.start} steps in {(time.time() - t0) / 60:.1f} min")
 
 
