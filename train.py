@@ -2,7 +2,7 @@
 
     python train.py                          # the offline default: SmolLM2-135M on the Python docs
     python train.py --model DIR --prelude 8 --recurrent 18 --coda 8 --depths 4,8,16 --seq-len 2048 ...
-    python train.py --model DIR --dry-run    # the split, parameters and memory; loads no weights
+    python train.py --model DIR --dry-run    # the split, what trains and the memory; loads no weights
     torchrun --nproc_per_node 8 train.py     # DistributedDataParallel
 """
 import argparse
@@ -45,7 +45,6 @@ class TrainConfig(OuroborosConfig):  # the model's settings and training's: a fl
     label_offset: int = 1        # predict token t + this; 2 is the authors' double-shift objective
     batch_size: int = 8          # sequences per micro-batch, per process
     grad_accum: int = 1          # micro-batches per optimiser step
-    steps: int = 80              # optimiser steps
     lr: float = 3e-3             # the peak learning rate (paper: 3e-4 over 300K steps)
     min_lr_ratio: float = 0.1    # the cosine decays to lr x this
     warmup: int = -1             # linear warmup steps (-1: min(10, steps // 8))
@@ -53,6 +52,8 @@ class TrainConfig(OuroborosConfig):  # the model's settings and training's: a fl
     beta2: float = 0.95          # AdamW's beta2
     clip: float = 1.0            # the gradient-norm clip
     seed: int = 0                # seeds the data order, the depths and the initialisation
+    # what follows changes nothing a run computes: --resume may change it
+    steps: int = 80              # optimiser steps
     out: str = ""                # the run folder (default: runs/<variant>-s<seed>)
     log_interval: int = 5        # steps between log lines
     eval_interval: int = 20      # steps between held-out losses
@@ -66,8 +67,8 @@ class TrainConfig(OuroborosConfig):  # the model's settings and training's: a fl
     final_eval: bool = True      # run eval.py on the run when training ends
 
 
-FREE = {"out", "steps", "log_interval", "eval_interval", "eval_windows", "save_interval", "device", "precision",
-        "tf32", "compile", "checkpoint_steps", "final_eval"}  # what --resume may change: nothing it computes
+SETTINGS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}  # {name: type}, in order
+FREE = set(list(SETTINGS)[list(SETTINGS).index("steps"):])  # more --steps; what changes nothing computed
 
 
 def parse(argv=None, description=__doc__):
@@ -76,20 +77,20 @@ def parse(argv=None, description=__doc__):
                                 argument_default=argparse.SUPPRESS)  # `given` holds only the flags given
     source = inspect.getsource(OuroborosConfig) + inspect.getsource(TrainConfig)
     helps, defaults = dict(re.findall(r"^ +(\w+): .*?# (.*)$", source, re.M)), TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag, default, help = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), helps[f.name]
+    for name, kind in SETTINGS.items():
+        flag, default, help = "--" + name.replace("_", "-"), getattr(defaults, name), helps[name]
         if isinstance(default, bool):
-            p.add_argument("--no-" + flag[2:] if default else flag, dest=f.name, action=f"store_{not default}".lower(),
+            p.add_argument("--no-" + flag[2:] if default else flag, dest=name, action=f"store_{not default}".lower(),
                            help=help)
-        elif f.name == "data":
+        elif name == "data":
             p.add_argument(flag, nargs="*", help=help)
-        elif f.name == "depths":
+        elif name == "depths":
             p.add_argument(flag, type=lambda s: [int(d) for d in s.split(",")], help=f"{help} (default 4,8)")
-        else:
-            choices = list(VARIANTS) if f.name == "variant" else get_args(f.type) or None  # or a Literal's
+        else:  # a choice of a Literal, or of VARIANTS
+            choices = list(VARIANTS) if name == "variant" else get_args(kind) or None
             p.add_argument(flag, type=type(default), choices=choices, help=f"{help} (default {default})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="print the split, parameters and memory; load nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the split, what trains and the memory")
     given = vars(p.parse_args(argv))
     resume, dry_run = given.pop("resume", False), given.pop("dry_run", False)
     given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}  # a run works from anywhere
@@ -97,10 +98,11 @@ def parse(argv=None, description=__doc__):
     cfg = TrainConfig(**given)
     cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-s{cfg.seed}")
     if resume:
-        stored = read_config(cfg.out)
-        if changed := [k for k, v in given.items() if k not in FREE and v != getattr(stored, k)]:
-            raise ValueError(f"--resume: {cfg.out} was trained with " + ", ".join(f"--{k} {getattr(stored, k)}" for k
-                             in changed) + "; only more --steps and " + ", ".join(sorted(FREE - {"steps"})) + " may change")
+        stored, flag = read_config(cfg.out), lambda k: "--" + k.replace("_", "-")
+        if changed := [f"{flag(k)} {getattr(stored, k)}" for k, v in given.items() if k not in FREE and v !=
+                       getattr(stored, k)]:
+            raise ValueError(f"--resume: {cfg.out} was trained with {', '.join(changed)}; only more --steps and "
+                             f"{', '.join(map(flag, sorted(FREE - {'steps'})))} may change")
         cfg = dataclasses.replace(stored, **given | {"out": cfg.out})
     cfg.warmup = min(10, cfg.steps // 8) if cfg.warmup < 0 else cfg.warmup
     bad = [(not all(1 <= d <= cfg.max_steps for d in cfg.depths), f"--depths: each in 1..{cfg.max_steps}"),
@@ -118,8 +120,7 @@ def parse(argv=None, description=__doc__):
 def read_config(run: str) -> TrainConfig:
     """A run's settings, from its config.json; a setting it lacks (one added since) takes its default."""
     with open(os.path.join(run, "config.json")) as f:
-        raw = json.load(f)
-    return TrainConfig(**{k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+        return TrainConfig(**{k: v for k, v in json.load(f).items() if k in SETTINGS})
 
 
 def placement(device: str, precision: str):
@@ -214,20 +215,18 @@ def train(cfg: TrainConfig, resume: bool = False):
                 s.opt.step()
                 loss_sum, good, bad = loss_sum + loss, good + 1, 0
             s.opt.zero_grad(set_to_none=True)
-            line = f"step {done:5d}/{cfg.steps}"
+            line = ""
             if done % cfg.log_interval == 0 or done == cfg.steps:
                 if s.world > 1:
                     dist.all_reduce(loss_sum)
-                tokens = (done - s.start) * cfg.batch_size * cfg.grad_accum * s.world * cfg.seq_len
+                tok_s = (done - s.start) * cfg.batch_size * cfg.grad_accum * s.world * cfg.seq_len / (time.time() - t0)
                 mean = loss_sum.item() / s.world / good / cfg.grad_accum if good else math.nan  # all skipped: nan
-                line += f"  loss {mean:.4f}  lr {lr:.2e}  " \
-                        f"{tokens / (time.time() - t0):,.0f} tok/s"
-                loss_sum, good = loss_sum.zero_(), 0
+                line, loss_sum, good = f"  loss {mean:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", loss_sum.zero_(), 0
             if done % cfg.eval_interval == 0 or done == cfg.steps:
                 t = "" if cfg.label_offset == 1 else f", token t+{cfg.label_offset}"
                 line += f"  held-out {held_out_loss(s, cfg):.4f} (depth {max(cfg.depths)}{t})"
-            if "  " in line:
-                s.log(line, flush=True)
+            if line:
+                s.log(f"step {done:5d}/{cfg.steps}{line}", flush=True)
             if s.rank == 0 and (done == cfg.steps or stop or done % cfg.save_interval == 0 and not bad):
                 save_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt, done)
             if stop:
@@ -259,7 +258,6 @@ def deferred_signals():
     def note(signum, frame):
         caught.append(signum)
         signal.signal(signum, previous[signum])
-
     caught, previous = [], {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield caught
@@ -278,7 +276,7 @@ def write_atomic(file: str, data: bytes):
 
 
 def save_checkpoint(path: str, model: Ouroboros, opt, step: int):
-    """The trainable tensors and AdamW's moments, in one safetensors file, written atomically."""
+    """What trains and AdamW's moments, in one safetensors file, written atomically."""
     tensors = {f"model.{n}": p.detach().cpu() for n, p in model.trainable().items()}
     for n, p in model.trainable().items():
         tensors |= {f"optim.{n}.{k}": v.detach().cpu() for k, v in opt.state.get(p, {}).items()}
@@ -286,7 +284,7 @@ def save_checkpoint(path: str, model: Ouroboros, opt, step: int):
 
 
 def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:
-    """Restore the trainable tensors (and AdamW's state); returns the step they were saved at."""
+    """Restore what trains (and AdamW's state); returns the step it was saved at."""
     with safe_open(path, "pt") as f:
         step, tensors = int(f.metadata()["step"]), load_file(path)
     with torch.no_grad():
@@ -310,27 +308,29 @@ def claim(cfg: TrainConfig, resume: bool):
 
 
 def dry_run(cfg: TrainConfig):
-    """The split, the parameters and the peak memory of a training step, from config.json alone: the model is built
-    on the meta device, and a step there counts what autograd keeps for backward."""
+    """The split, what trains and a step's peak memory, from config.json alone: the model is built on the meta
+    device, where a step counts what autograd keeps for backward (Ouroboros.kept_bytes)."""
     config, dtype = load_config(cfg.model), placement(cfg.device, cfg.precision)[1]
     pre, r, post, removed = cfg.split(config.num_hidden_layers)
-    with torch.device("meta"):  # in bf16: what autocast keeps, near enough
+    with torch.device("meta"):  # bf16 everywhere keeps about what autocast keeps
         base = Transformer(config, pre + [r] + post)
         shapes = {t: getattr(*projection(base.layers[str(r)], t)).weight.shape for t in TARGETS}
         model = Ouroboros(base, cfg, {t: (torch.empty(cfg.rank, i), torch.empty(o, cfg.rank)) for t, (o, i) in
                                       shapes.items()}).to(dtype)
         print(f"{config.num_hidden_layers} layers: prelude {pre}, recurrent {r}, coda {post}, {len(removed)} removed")
-        for top, module in model.named_children():
-            print(f"{top:<12}{sum(p.numel() for p in module.parameters() if p.requires_grad):>12,} trainable")
+        for name, module in model.named_children():
+            if n := sum(p.numel() for p in module.parameters() if p.requires_grad):
+                print(f"{name:<12}{n:>12,} trainable")
         weights = sum(p.nbytes for p in model.parameters()) + 16 * sum(p.numel() for p in model.trainable().values())
-        loss = 8 * min(1024, cfg.batch_size * cfg.seq_len) * config.vocab_size  # a chunk of logits, its softmax
-        print(f"peak memory of a step (batch {cfg.batch_size} x {cfg.seq_len}, {dtype}), GiB: weights {weights / 2**30:.2f}"
-              f" (and what trains: fp32, gradients, AdamW) + the loss's logits {loss / 2**30:.2f} + activations:")
+        logits = 8 * min(1024, cfg.batch_size * cfg.seq_len) * config.vocab_size  # a chunk of them, fp32, twice
+        print(f"peak memory of a step, batch {cfg.batch_size} x {cfg.seq_len}, {dtype}, in GiB: the weights "
+              f"{weights / 2**30:.2f} (what trains in fp32, its gradients and AdamW's moments too) + the loss's "
+              f"logits {logits / 2**30:.2f} + the activations kept for backward:")
         for depth in cfg.depths:
             kept = [model.kept_bytes(cfg.batch_size, cfg.seq_len, depth, ck) for ck in (False, True)]
-            kept[1] += (kept[0] - kept[1]) / depth  # one step, recomputed in backward
+            kept[1] += (kept[0] - kept[1]) / depth  # and one step's, recomputed in backward
             print(f"  depth {depth:2d}: " + "; with --checkpoint-steps ".join(
-                f"{k / 2**30:.2f} -> {(weights + loss + k) / 2**30:.2f}" for k in kept))
+                f"{k / 2**30:.2f} -> {(weights + logits + k) / 2**30:.2f}" for k in kept))
 
 
 def cli(main, argv=None):

@@ -354,16 +354,16 @@ def test_out_is_a_new_or_empty_folder_or_a_run_of_train_pys_own(setup, tmp_path)
 
 @pytest.mark.parametrize("flags,named", [
     (["--rank", "4"], "--rank 8"), (["--prelude", "0"], "--prelude 1"), (["--recurrent", "3"], "--recurrent 2"),
-    (["--seed", "1"], "--seed 0"), (["--lr", "0.02"], "--lr 0.01"), (["--seq-len", "16"], "--seq_len 32"),
-    (["--variant", "static"], "--variant controller"), (["--label-offset", "2"], "--label_offset 1"),
+    (["--seed", "1"], "--seed 0"), (["--lr", "0.02"], "--lr 0.01"), (["--seq-len", "16"], "--seq-len 32"),
+    (["--variant", "static"], "--variant controller"), (["--label-offset", "2"], "--label-offset 1"),
     (["--depths", "1,3"], "--depths [1, 2, 3]"), (["--no-gate"], "--gate True"), (["--pool", "mean"], "--pool causal"),
-    (["--batch-size", "2"], "--batch_size 4"), (["--held-out", "0.2"], "--held_out 0.05"),
+    (["--batch-size", "2"], "--batch-size 4"), (["--held-out", "0.2"], "--held-out 0.05"),
     (["--readout", "every"], "--readout last"), (["--data", "elsewhere"], "--data"), (["--model", "other"], "--model"),
 ])
 def test_resume_refuses_a_change_to_what_the_run_computes_and_names_it(setup, whole, flags, named):
     before = snapshot(whole[0])
     with pytest.raises(ValueError, match=f"--resume: {whole[0]} was trained with {re.escape(named)}.*; only more --steps and "
-                                         "checkpoint_steps, compile, device, .* may change"):
+                                         "--checkpoint-steps, --compile, --device, .* may change"):
         train.main(train_args(setup, whole[0], "--resume", "--steps", "7", *flags))
     assert snapshot(whole[0]) == before
 
@@ -412,7 +412,7 @@ def test_dry_run_of_a_qwen25_3b_config(tmp_path):
     lines = out.splitlines()
     assert lines[0] == (f"36 layers: prelude {list(range(8))}, recurrent 18, coda {list(range(28, 36))}, 19 removed")
     counts = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in lines if line.endswith(" trainable")}
-    assert counts == {"base": 0, "recurrent": 0, "controller": 692_864, "gate": 8_390_656, "step_norm": 64 * 2048}
+    assert counts == {"controller": 692_864, "gate": 8_390_656, "step_norm": 64 * 2048}
     d, ffn, kv, r = 2048, 11008, 256, 32  # the weights: 17 kept layers, the tied embedding, the bases, what trains
     layer = 2 * (d * d + d) + 2 * (d * kv + kv) - d + 3 * d * ffn + 2 * d
     bases = r * (4 * d + 2 * (d + kv) + 3 * (d + ffn))
@@ -420,8 +420,9 @@ def test_dry_run_of_a_qwen25_3b_config(tmp_path):
     weights = (4 * (17 * layer + 151936 * d + d + bases + trained) + 16 * trained) / 2**30  # + gradients, AdamW
     logits = 8 * 1024 * 151936 / 2**30  # a chunk of 1024 tokens' logits and their softmax, fp32
     (head,) = [line for line in lines if line.startswith("peak memory")]
-    assert head == (f"peak memory of a step (batch 8 x 256, torch.float32), GiB: weights {weights:.2f} (and what "
-                    f"trains: fp32, gradients, AdamW) + the loss's logits {logits:.2f} + activations:")
+    assert head == (f"peak memory of a step, batch 8 x 256, torch.float32, in GiB: the weights {weights:.2f} (what "
+                    f"trains in fp32, its gradients and AdamW's moments too) + the loss's logits {logits:.2f} + the "
+                    "activations kept for backward:")
     rows = {int(line.split()[1][:-1]): [[float(x) for x in part.split()[-3::2]] for part in line.split(";")]
             for line in lines if line.startswith("  depth")}
     assert sorted(rows) == [4, 8, 16]
