@@ -1,9 +1,6 @@
-"""A Qwen2 / Llama decoder written by hand, and the Ouroboros recursive model built from it (arXiv 2604.02051).
-
-Part 1, the decoder, computes what transformers' Qwen2ForCausalLM and LlamaForCausalLM compute. Part 2 keeps its
-prelude, one recurrent layer and its coda, and loops the recurrent layer under a controller. `pos`, the positions
-of the tokens given, is None in the plain forward (0..T-1) and a tensor when decoding through the KV cache.
-"""
+"""Part 1: a Qwen2 / Llama decoder by hand, computing what transformers' Qwen2ForCausalLM and LlamaForCausalLM do.
+Part 2: Ouroboros (arXiv 2604.02051), which loops one of its layers under a controller, between prelude and coda.
+`pos`, the positions of the tokens given, is None in the plain forward (0..T-1), a tensor when decoding."""
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +12,6 @@ from torch.utils.checkpoint import checkpoint
 from controller import TARGETS, VARIANTS, Gate, StepNorm, SVDLoRA
 
 
-# ----------------------------------------------------------------------------------------------
 # Part 1: the decoder
 
 @dataclass
@@ -32,7 +28,7 @@ class Qwen2Config:
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 32768
     attention_bias: bool = True  # q/k/v biases: True for qwen2, False for llama
-    o_proj_bias: bool = False    # llama's attention_bias also biases o_proj; qwen2's never does
+    o_proj_bias: bool = False  # llama's attention_bias also biases o_proj; qwen2's never does
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self):
@@ -45,8 +41,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # Normalise in fp32 (bf16 squares lose too much), cast back, then scale, as the original does.
+    def forward(self, x):  # normalise in fp32 (bf16 squares lose too much), cast back, then scale, as HF does
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -55,25 +50,23 @@ class RMSNorm(nn.Module):
 def rope(cfg: Qwen2Config, pos, dtype):
     """cos, sin [T, head_dim] at positions pos [T]; frequencies in fp32, the rotate-half layout."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=pos.device).float() / cfg.head_dim)
-    freqs = torch.outer(pos.float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # the two halves share frequencies
+    emb = torch.outer(pos.float(), inv_freq).repeat(1, 2)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)  # rotate half
+    x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class KVCache(nn.Module):
-    """One attention's keys and values at every position, preallocated (gpt-fast): a chunk writes its K/V at its
-    positions and attends over the cache up to them. Static shapes: a compiled step can replay as a CUDA graph."""
+    """One attention's K/V at every position, preallocated (gpt-fast): a compiled step can replay as a CUDA graph."""
 
     def __init__(self, batch: int, cfg: Qwen2Config, max_len: int, dtype, device):
         super().__init__()
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for name in ("k", "v"):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def attend(self, pos, q, k, v):
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
@@ -85,30 +78,30 @@ class KVCache(nn.Module):
         return y.to(q.dtype)
 
 
-def project(linear: nn.Module, x, diag, name: str):
-    """Apply one projection; with Ouroboros' diagonals (Part 2) the SVD-LoRA wrapper adds its term."""
+def project(linear: nn.Module, x, diag, name: str):  # with Ouroboros' diagonals, SVDLoRA adds its term (Part 2)
     return linear(x) if diag is None else linear(x, diag[name])
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+        d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(d, q, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, kv, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, kv, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, d, bias=cfg.o_proj_bias)
         self.kv_cache = None  # a KVCache while decoding (setup_caches)
 
     def forward(self, x, rope, pos=None, diag=None):
         B, T, _ = x.shape
-        q = project(self.q_proj, x, diag, "q").view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = project(self.k_proj, x, diag, "k").view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = project(self.v_proj, x, diag, "v").view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if pos is None:  # the whole sequence: the causal mask is asked for, never left to a backend's default
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
-        else:  # decoding: this chunk's K/V go into the cache, and it attends over every position up to its own
+        heads = lambda y: y.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, T, n * hd] -> [B, n, T, hd]
+        q = apply_rope(heads(project(self.q_proj, x, diag, "q")), *rope)
+        k = apply_rope(heads(project(self.k_proj, x, diag, "k")), *rope)
+        v = heads(project(self.v_proj, x, diag, "v"))
+        if pos is None:  # the causal mask is asked for, never left to a backend's default
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        else:  # decoding, through the cache
             y = self.kv_cache.attend(pos, q, k, v)
         return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), diag, "o")
 
@@ -116,9 +109,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
 
     def forward(self, x, diag=None):  # SwiGLU
         h = F.silu(project(self.gate_proj, x, diag, "gate")) * project(self.up_proj, x, diag, "up")
@@ -126,8 +120,6 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then + MLP(norm(x))."""
-
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -141,13 +133,18 @@ class DecoderLayer(nn.Module):
 
 
 def projection(layer: DecoderLayer, target: str) -> tuple:
-    """(parent module, attribute name) of a layer's projection: q k v o in attention, gate up down in the MLP."""
+    """(parent module, attribute name) of a layer's projection `target`, one of TARGETS."""
     return (layer.self_attn if target in ("q", "k", "v", "o") else layer.mlp), f"{target}_proj"
 
 
+def through(layers, x, rope, pos=None):
+    for layer in layers:
+        x = layer(x, rope, pos)
+    return x
+
+
 class Transformer(nn.Module):
-    """The pretrained decoder. `layers` picks which layers exist (default: all), named by their index in
-    the checkpoint, so that a subset loads straight from the HF names."""
+    """The pretrained decoder with the layers `layers` (default: all), keyed by their index in the checkpoint."""
 
     def __init__(self, cfg: Qwen2Config, layers=None):
         super().__init__()
@@ -161,20 +158,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def embed(self, ids, pos=None):
-        """The token embeddings and the RoPE tables of their positions (0..T-1 unless `pos` says)."""
         x = self.embed_tokens(ids)
         return x, rope(self.config, torch.arange(ids.shape[1], device=ids.device) if pos is None else pos, x.dtype)
 
     def forward(self, ids, labels=None, pos=None):
-        """ids [B, T] -> logits [B, T, vocab] through every layer this model holds; with labels [B, T]
-        (aligned: labels[t] is the token after ids[t]) -> their mean loss."""
+        """ids [B, T] -> logits [B, T, vocab]; with labels (labels[t]: the token after ids[t]) -> the mean loss."""
         x, rope = self.embed(ids, pos)
-        for layer in self.layers.values():
-            x = layer(x, rope, pos)
-        return self.head(x, labels)
+        return self.head(through(self.layers.values(), x, rope, pos), labels)
 
     def head(self, x, labels=None):
-        """Final norm, then the logits, or with labels their mean loss."""
         x = self.norm(x)
         return self.lm_head(x) if labels is None else lm_loss(x, self.lm_head.weight, labels)
 
@@ -187,7 +179,7 @@ class Transformer(nn.Module):
 
 class _ChunkedLMLoss(torch.autograd.Function):
     """Mean cross-entropy of h @ W^T against labels, a chunk of tokens at a time: the [tokens, vocab] logits are
-    never held (2.5 GB in fp32 at 2 x 2048 x 151,936, and as much for their gradient). W is frozen, so the gradient
+    never held (2.5 GB in fp32 at 2 x 2048 x 151,936, as much again for their gradient). W is frozen, so the gradient
     for h, (softmax - onehot) W / n, is computed chunk by chunk in the forward pass."""
 
     @staticmethod
@@ -211,47 +203,44 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return grad * g, None, None, None
+        return ctx.saved_tensors[0] * g, None, None, None
 
 
 def lm_loss(h, weight, labels, chunk: int = 1024):
     """The next-token loss of final hidden states h [B, T, d]: labels are NOT shifted again here."""
-    if weight.requires_grad and torch.is_grad_enabled():  # it would silently get no gradient
+    if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("lm_loss computes no gradient for the head: freeze it, or use F.cross_entropy on the logits")
     return _ChunkedLMLoss.apply(h, weight, labels, chunk)
 
 
-# ----------------------------------------------------------------------------------------------
 # Part 2: Ouroboros, the recursive model
 
 @dataclass
 class OuroborosConfig:
-    prelude: int = 8           # layers kept at the start
-    recurrent: int = 15        # the index of the layer that is looped
-    coda: int = 8              # layers kept at the end
-    rank: int = 32             # r, the rank of the SVD bases A, B
-    alpha: float = 16.0        # the low-rank term's scale is alpha / r
+    prelude: int = 8  # layers kept at the start
+    recurrent: int = 15  # the index of the layer that is looped
+    coda: int = 8  # layers kept at the end
+    rank: int = 32  # r, the rank of the SVD bases A, B
+    alpha: float = 16.0  # the low-rank term's scale is alpha / r
     variant: str = "controller"  # what emits the diagonals: a key of controller.VARIANTS
-    gate: bool = True          # mix each step into the state through the gate (False: h = h_new)
+    gate: bool = True  # mix each step into the state through the gate (False: h = h_new)
     pool: Literal["causal", "mean"] = "causal"  # the controller reads the prefix mean, or the paper's (all tokens)
-    style: int = 128           # the controller's width s
-    max_steps: int = 64        # the most recurrent steps: one step embedding and one step-norm row each
+    style: int = 128  # the controller's width s
+    max_steps: int = 64  # the most recurrent steps: one step embedding and one step-norm row each
 
     def split(self, n_layers: int):
         """(prelude, recurrent, coda, removed) layer indices for a model of n_layers."""
         P, R, C = self.prelude, self.recurrent, self.coda
         if not (0 <= P <= R < n_layers - C and C >= 0) or P + C + 1 == n_layers:
             raise ValueError(f"--prelude {P} --recurrent {R} --coda {C} does not fit {n_layers} layers: the recurrent "
-                             f"layer must lie between prelude and coda, and at least one layer must be removed")
+                             f"layer must lie between prelude and coda, and a layer must be removed")
         return list(range(P)), R, list(range(n_layers - C, n_layers)), [i for i in range(P, n_layers - C) if i != R]
 
 
 class Ouroboros(nn.Module):
     """embed -> prelude -> [controller -> modulated recurrent layer -> step norm -> gate] x depth -> coda -> head.
 
-    Only the controller (or its ablation), the gate and the step norms train. They are fp32 whatever the base
-    dtype; with a bf16 base, run under torch.autocast."""
+    Only the controller, the gate and the step norms train (in fp32); with a bf16 base, run under torch.autocast."""
 
     def __init__(self, base: Transformer, oc: OuroborosConfig, bases: dict):
         super().__init__()
@@ -268,8 +257,8 @@ class Ouroboros(nn.Module):
             self.step_norm = StepNorm(d, oc.max_steps)
             self.gate = Gate(d) if oc.gate else None
         self.checkpoint_steps = False  # recompute each step in backward: activation memory flat in depth
-        self.step_caches = None  # the decoding state (setup_caches), and the controller's running sums:
-        self.register_buffer("sums", None, persistent=False)  # a buffer, so that a CUDA graph may update it in place
+        self.step_caches = None  # decoding (setup_caches); sums is a buffer so that a CUDA graph can update it
+        self.register_buffer("sums", None, persistent=False)
 
     def step(self, h, k: int, rope, pos=None):
         """Recurrent step k: h_old -> h."""
@@ -278,33 +267,31 @@ class Ouroboros(nn.Module):
             self.recurrent.self_attn.kv_cache = self.step_caches[k]
             at, prefix = pos, self.sums[k].clone()
             self.sums[k] += h.float().sum(1, keepdim=True)
-        diag = self.controller(h, k, at, prefix)                         # c_t for every target t
-        h_new = self.step_norm(self.recurrent(h, rope, pos, diag), k)    # the modulated layer, then RMSNorm_k
-        return self.gate(h_new, h) if self.gate is not None else h_new   # h = g h_new + (1 - g) h_old
+        diag = self.controller(h, k, at, prefix)  # c_t for every target t
+        h_new = self.step_norm(self.recurrent(h, rope, pos, diag), k)  # the modulated layer, then RMSNorm_k
+        return self.gate(h_new, h) if self.gate is not None else h_new  # h = g h_new + (1 - g) h_old
 
     def forward(self, ids, depth: int, labels=None, pos=None, every: bool = False):
-        """Logits [B, T, V] after `depth` steps, or with labels (aligned with ids) the mean loss. every: the mean
-        of the losses read out after each step 1..depth, so that stopping after any step is trained (the hook
-        of adaptive depth: extras/exits.py)."""
+        """Logits [B, T, V] after `depth` steps, or with labels (aligned with ids) the mean loss. every: the mean of
+        the losses after each step 1..depth, so that stopping after any step is trained (extras/exits.py)."""
         states = self.readout(ids, range(1, depth + 1) if every else [depth], pos)
         if labels is None:
             return self.base.head(states[depth])
         return sum(self.base.head(h, labels) for h in states.values()) / len(states)
 
     def readout(self, ids, depths, pos=None) -> dict:
-        """{depth: the coda's output after that many steps}, in one pass: the loop runs once to the largest
-        depth, and the coda reads the state out after each step asked for. base.head(h) makes logits of one."""
+        """{depth: the coda's output after that many steps} for each depth asked for, from one run of the loop.
+        base.head(h) makes logits of one."""
         if not 1 <= max(depths) <= self.config.max_steps:
             raise ValueError(f"depth {max(depths)} must be in 1..{self.config.max_steps} (max_steps)")
         saving = self.checkpoint_steps and torch.is_grad_enabled()
-        run = lambda fn, *args: checkpoint(fn, *args, use_reentrant=False) if saving else fn(*args)
+        run = lambda save, fn, *args: checkpoint(fn, *args, use_reentrant=False) if save else fn(*args)
         x, rope = self.base.embed(ids, pos)
         x, out = through(self.prelude, x, rope, pos), {}
         for k in range(max(depths)):
-            x = run(self.step, x, k, rope, pos)
+            x = run(saving, self.step, x, k, rope, pos)
             if k + 1 in depths:  # with several readouts (every), each coda is recomputed in backward too
-                several = len(depths) > 1
-                out[k + 1] = run(through, self.coda, x, rope, pos) if several else through(self.coda, x, rope, pos)
+                out[k + 1] = run(saving and len(depths) > 1, through, self.coda, x, rope, pos)
         return out
 
     def pruned(self, ids, labels=None, pos=None):
@@ -316,33 +303,25 @@ class Ouroboros(nn.Module):
         return self.base.head(through(self.coda, x, rope, pos), labels)
 
     def trainable(self) -> dict:
-        """{name: tensor} of what trains: the controller (or its ablation), the gate and the step norms."""
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}  # controller, gate, step norms
 
     def kept_bytes(self, batch: int, seq_len: int, depth: int, checkpointed: bool) -> int:
-        """What autograd keeps for backward in a training step, counted on the meta device (train.py --dry-run): a
-        storage once however many views, not the weights, nor attention's [T, T] scores (fused kernels keep none)."""
-        weights, kept, ids = {id(p.untyped_storage()) for p in self.parameters()}, {}, torch.zeros(batch, seq_len).long()
+        """The bytes autograd keeps for backward in a training step (train.py --dry-run, on the meta device): each
+        storage once, not the weights, nor attention's [T, T] scores (fused kernels keep none)."""
+        weights, kept = {id(p.untyped_storage()) for p in self.parameters()}, {}
 
         def keep(t):
             if id(s := t.untyped_storage()) not in weights and tuple(t.shape[-2:]) != (seq_len, seq_len):
                 kept[id(s)] = s.nbytes()
             return t
-        self.checkpoint_steps = checkpointed
+        self.checkpoint_steps, ids = checkpointed, torch.zeros(batch, seq_len).long()
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             self(ids, depth, labels=ids).backward()
         return sum(kept.values())
 
     def setup_caches(self, batch: int, max_len: int, depth: int):
-        """The decoding state: a KVCache per prelude and coda layer and per recurrent step, and the controller's
-        running sum of the state per step (fp32)."""
+        """The decoding state: a KVCache per layer and per recurrent step, the controller's running sums (fp32)."""
         self.base.setup_caches(batch, max_len)
         k, cfg = self.recurrent.self_attn.kv_cache.k, self.base.config
         self.step_caches = nn.ModuleList(KVCache(batch, cfg, max_len, k.dtype, k.device) for _ in range(depth))
         self.sums = torch.zeros(depth, batch, 1, cfg.hidden_size, device=k.device)
-
-
-def through(layers, x, rope, pos=None):
-    for layer in layers:
-        x = layer(x, rope, pos)
-    return x
