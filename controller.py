@@ -1,12 +1,11 @@
-"""The trainable parts of Ouroboros: the controller (and its ablations), the SVD-LoRA term, the gate, the step norm.
+"""What trains in Ouroboros: the controller (or an ablation), the gate and the step norms; and the SVD-LoRA term.
 
 At recurrent step k the controller reads the hidden state h and emits a diagonal c_t in R^r for each projection t
 of the recurrent layer, which then computes
 
     y = W_t x + b_t + (alpha / r) * B_t (c_t * (A_t x))
 
-with A_t, B_t frozen rank-r bases from the SVD of the mean residual of the removed layers. The step's output is
-normalised by a per-step RMSNorm and mixed into the state by a learned gate.
+with A_t, B_t frozen rank-r bases from the SVD of the mean residual of the removed layers.
 """
 import torch
 import torch.nn as nn
@@ -16,19 +15,16 @@ TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the recurrent layer's se
 
 
 def svd_bases(residual: torch.Tensor, rank: int):
-    """Frozen bases of the best rank-r approximation B @ A of `residual` [out, in] (Eckart-Young).
-
-    residual = mean over removed layers i of (W[i] - W[recurrent]); the SVD runs in fp32.
-    Returns A = V^T[:r] [r, in] and B = U[:, :r] * S[:r] [out, r].
-    """
+    """A = V^T[:r] [r, in] and B = U[:, :r] * S[:r] [out, r], in fp32: B @ A is the best rank-r approximation of
+    residual [out, in] (Eckart-Young)."""
     if not 0 < rank <= min(residual.shape):
-        raise ValueError(f"rank {rank} must be in 1..{min(residual.shape)} for a {tuple(residual.shape)} weight")
+        raise ValueError(f"--rank {rank} must be in 1..{min(residual.shape)} for a {tuple(residual.shape)} weight")
     U, S, Vh = torch.linalg.svd(residual.float(), full_matrices=False)
     return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
 
 
 class SVDLoRA(nn.Module):
-    """A frozen linear layer plus the controller-modulated low-rank term. Nothing here trains."""
+    """A frozen linear layer plus the low-rank term the controller modulates. Nothing here trains."""
 
     def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, alpha: float):
         super().__init__()
@@ -38,7 +34,7 @@ class SVDLoRA(nn.Module):
         self.scale = alpha / A.shape[0]
 
     def forward(self, x, c=None):
-        """c: the diagonal, [B, T, r] (per token), [B, 1, r] (per sequence) or [r] (static); None: the bare layer."""
+        """c: the diagonal per token [B, T, r], per sequence [B, 1, r] or static [r]; None: the bare layer."""
         y = self.base(x)
         if c is None:
             return y
@@ -51,17 +47,16 @@ class Controller(nn.Module):
         u = SiLU(W_u pool(h)),  e = E[k],  z = SiLU(W_2 SiLU(W_1 [u; e])),  c_t = H_t z
 
     pool="causal" (our fix, the default): position t reads the mean of h over positions <= t, so each token gets
-    its own diagonals and nothing flows from the future. pool="mean": the paper's mean over the whole sequence,
-    one diagonal per sequence; position t sees the tokens after it, a leak kept so that it can be measured.
+    its own diagonals and none sees the future. pool="mean", the paper's: one diagonal per sequence, from the mean
+    over all of it, so that position t sees the tokens after it; a leak kept to be measured.
     """
 
     def __init__(self, dim: int, oc):
         super().__init__()
         s, self.causal = oc.style, oc.pool == "causal"
-        self.state_proj = nn.Linear(dim, 2 * s)                          # W_u
-        self.step_embed = nn.Embedding(oc.max_steps, s)                  # E
-        self.mlp = nn.Sequential(nn.Linear(3 * s, 2 * s), nn.SiLU(),
-                                 nn.Linear(2 * s, s), nn.SiLU())          # W_1, W_2
+        self.state_proj = nn.Linear(dim, 2 * s)  # W_u
+        self.step_embed = nn.Embedding(oc.max_steps, s)  # E
+        self.mlp = nn.Sequential(nn.Linear(3 * s, 2 * s), nn.SiLU(), nn.Linear(2 * s, s), nn.SiLU())  # W_1, W_2
         self.heads = nn.ModuleDict({t: nn.Linear(s, oc.rank, bias=False) for t in TARGETS})  # H_t
         for head in self.heads.values():
             nn.init.zeros_(head.weight)  # zero diagonals at start: the loop begins as the bare layer
@@ -69,10 +64,7 @@ class Controller(nn.Module):
     def forward(self, h, step: int, pos, prefix=0.0):
         """h [B, T, d] at positions pos [T]; prefix [B, 1, d]: the sum of h over earlier positions (decoding)."""
         h = h.float()  # a running sum over thousands of positions needs fp32
-        if self.causal:
-            pooled = (prefix + h.cumsum(1)) / (pos + 1).unsqueeze(-1)
-        else:
-            pooled = h.mean(1, keepdim=True)
+        pooled = (prefix + h.cumsum(1)) / (pos + 1).unsqueeze(-1) if self.causal else h.mean(1, keepdim=True)
         u = F.silu(self.state_proj(pooled))
         e = self.step_embed.weight[step].expand(*u.shape[:-1], -1)
         z = self.mlp(torch.cat([u, e], dim=-1))
@@ -102,17 +94,15 @@ class NoDiagonals(nn.Module):
         return None
 
 
-# --variant: what emits the diagonals. A new controller is one entry here: a module built as cls(dim, oc), whose
-# forward(h, step, pos, prefix) returns {target: diagonal} or None, and whose `causal` says that position t reads
-# only positions <= t (decoding through the cache refuses it otherwise).
+# --variant: what emits the diagonals. A new controller is an entry here: a module cls(dim, oc) whose forward(h, step,
+# pos, prefix) returns {target: diagonal} or None, and whose `causal` says that position t reads only positions <= t
+# (decoding through the cache refuses it otherwise).
 VARIANTS = {"controller": Controller, "static": StaticDiagonals, "none": NoDiagonals}
 
 
 class Gate(nn.Module):
-    """h = g * h_new + (1 - g) * h_old, g = sigmoid(W [h_new; h_old] + b).
-
-    W = 0 and b = -2 at start: every channel keeps sigmoid(2) = 88.08% of the old state.
-    """
+    """h = g * h_new + (1 - g) * h_old, g = sigmoid(W [h_new; h_old] + b). W = 0 and b = -2 at start: every
+    channel keeps sigmoid(2) = 88.08% of the old state."""
 
     def __init__(self, dim: int, bias: float = -2.0):
         super().__init__()
