@@ -1,5 +1,4 @@
-"""A pretrained HF-format folder (config.json, safetensors, tokenizer.json) -> the decoder, or Ouroboros with
-its SVD bases. Local files only: nothing comes from a hub."""
+"""An HF-format folder (config.json, safetensors, tokenizer.json) -> the decoder, or Ouroboros. Local files only."""
 import functools
 import json
 import os
@@ -15,7 +14,7 @@ DEFAULT_MODEL = os.path.join(CACHE, "SmolLM2-135M-Instruct")  # setup.sh convert
 
 
 def load_config(path: str) -> Qwen2Config:
-    """config.json -> Qwen2Config. A model this decoder would compute differently is refused."""
+    """config.json -> Qwen2Config; a model this decoder would compute differently is refused."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found: --model takes an HF-format model folder"
@@ -25,7 +24,7 @@ def load_config(path: str) -> Qwen2Config:
     kind, layers = c.get("model_type"), c["num_hidden_layers"]
     ropes = [r for r in (c.get("rope_parameters"), c.get("rope_scaling")) if r]  # transformers 5 / before it
     window = c.get("sliding_window") or 0
-    unsupported = [  # everything this implementation would compute differently
+    unsupported = [
         (kind not in ("qwen2", "llama"), f"model_type {kind!r} (only qwen2 and llama)"),
         (c.get("hidden_act", "silu") != "silu", f"hidden_act {c.get('hidden_act')!r}"),
         (c.get("mlp_bias", False), "mlp_bias"),
@@ -34,20 +33,19 @@ def load_config(path: str) -> Qwen2Config:
          and (c.get("max_window_layers") or 0) < layers, "sliding-window attention in use")]
     if refused := [what for bad, what in unsupported if bad]:
         raise ValueError(f"{file}: {', '.join(refused)}: not supported, this decoder would compute another function")
-    llama_bias = kind == "llama" and c.get("attention_bias", False)
+    heads, llama_bias = c["num_attention_heads"], kind == "llama" and c.get("attention_bias", False)
     theta = next((r["rope_theta"] for r in ropes if "rope_theta" in r), c.get("rope_theta") or 10000.0)
-    heads = c["num_attention_heads"]
     return Qwen2Config(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=c.get("num_key_value_heads") or heads,
+        **{k: c[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")},
+        **{k: c[k] for k in ("rms_norm_eps", "max_position_embeddings", "eos_token_id") if k in c},
+        num_attention_heads=heads, num_key_value_heads=c.get("num_key_value_heads") or heads,
         head_dim=c.get("head_dim") or c["hidden_size"] // heads, rope_theta=float(theta),
-        rms_norm_eps=c.get("rms_norm_eps", 1e-6), tie_word_embeddings=c.get("tie_word_embeddings", False),
-        max_position_embeddings=c.get("max_position_embeddings", 32768), attention_bias=kind == "qwen2" or llama_bias,
-        o_proj_bias=llama_bias, eos_token_id=c.get("eos_token_id"))
+        tie_word_embeddings=c.get("tie_word_embeddings", False), attention_bias=kind == "qwen2" or llama_bias,
+        o_proj_bias=llama_bias)
 
 
 def open_weights(path: str) -> dict:
-    """{HF tensor name: a function that reads it}, from model.safetensors or a sharded index, read lazily."""
+    """{HF tensor name: a function that reads it}, from model.safetensors or a sharded index."""
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         with open(index) as f:
@@ -63,10 +61,9 @@ def open_weights(path: str) -> dict:
 
 def load_model(path: str, dtype=torch.float32, device="cpu", layers=None, config=None) -> Transformer:
     """The frozen decoder of a folder; `layers`: only those are read and kept."""
-    cfg = config or load_config(path)
-    read = open_weights(path)
+    cfg, read = config or load_config(path), open_weights(path)
     with torch.device("meta"):  # no memory until the real tensors are assigned
-        model = Transformer(cfg, range(cfg.num_hidden_layers) if layers is None else sorted(layers))
+        model = Transformer(cfg, None if layers is None else sorted(layers))
     hf = lambda n: n if n.startswith("lm_head.") else "model." + n  # HF's names are ours with a prefix
     state = {n: read[hf(n)]().to(device=device, dtype=dtype) for n, _ in model.named_parameters()}
     if cfg.tie_word_embeddings:
@@ -78,12 +75,11 @@ def load_model(path: str, dtype=torch.float32, device="cpu", layers=None, config
 
 
 def load_ouroboros(path: str, oc: OuroborosConfig, dtype=torch.float32, device="cpu", config=None) -> Ouroboros:
-    """The recursive model: the kept layers of the folder (only they stay resident) and, for every target
-    projection t, the SVD bases of R_t = mean over removed layers i of (W_t[i] - W_t[recurrent])."""
+    """The kept layers of the folder (only they stay resident) and, for every target projection t, the SVD bases
+    of R_t = mean over removed layers i of (W_t[i] - W_t[recurrent])."""
     cfg = config or load_config(path)
     pre, r, post, removed = oc.split(cfg.num_hidden_layers)
-    base = load_model(path, dtype, device, pre + [r] + post, cfg)
-    read, bases = open_weights(path), {}
+    base, read, bases = load_model(path, dtype, device, pre + [r] + post, cfg), open_weights(path), {}
     for t in TARGETS:  # the removed layers are read one tensor at a time, never all resident
         proj = ("self_attn." if t in ("q", "k", "v", "o") else "mlp.") + f"{t}_proj"  # model.projection's names
         w = lambda i: read[f"model.layers.{i}.{proj}.weight"]().to(device=device, dtype=torch.float32)
@@ -94,7 +90,6 @@ def load_ouroboros(path: str, oc: OuroborosConfig, dtype=torch.float32, device="
 
 def load_tokenizer(path: str):
     from tokenizers import Tokenizer
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
+    if not os.path.isfile(file := os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{file} not found: the model folder needs its tokenizer.json")
     return Tokenizer.from_file(file)
