@@ -1,9 +1,7 @@
-"""Data: files -> documents -> a held-out split by document -> token files on disk -> windows.
+"""Data: files -> documents -> a held-out split by document -> token files -> windows. Documents stream through in
+batches tokenised on every core, so memory stays flat however large the corpus; training memmaps the token files.
 
     python data.py --model DIR --data corpus/*.parquet --held-out 0.01   # tokenise once, print the splits
-
-Documents stream through in batches, tokenised on every core and appended to train.bin or held_out.bin, so
-memory stays flat however large the corpus; training reads the files back as memmaps.
 """
 import glob
 import gzip
@@ -33,8 +31,10 @@ def find_files(sources) -> list:
         return files or sorted(f for f in stdlib if "site-packages" not in f)
     files = []
     for src in sources:
-        found = [src] if os.path.isfile(src) else sorted(glob.glob(src, recursive=True)) if not os.path.isdir(src) \
-            else sorted(os.path.join(top, n) for top, _, names in os.walk(src) for n in names)
+        if os.path.isdir(src):  # a folder: the files of a known kind in it
+            found = sorted(os.path.join(top, n) for top, _, names in os.walk(src) for n in names)
+        else:  # a file, of any kind, or a glob
+            found = [src] if os.path.isfile(src) else sorted(glob.glob(src, recursive=True))
         if not found:
             raise FileNotFoundError(f"--data {src!r} matches no files")
         files += [f for f in found if f.endswith(TEXT + (".jsonl", ".jsonl.gz", ".parquet")) or f == src]
@@ -54,9 +54,10 @@ def documents(files, text_field: str = "text"):
         elif file.endswith((".jsonl", ".jsonl.gz")):
             with (gzip.open if file.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
                 for i, line in enumerate(f, 1):
-                    if line.strip() and not isinstance(text := json.loads(line).get(text_field), str):
+                    text = json.loads(line).get(text_field) if line.strip() else ""
+                    if not isinstance(text, str):
                         raise ValueError(f"{file} line {i}: no {text_field!r} text; name the field with --text-field")
-                    yield text if line.strip() else ""
+                    yield text
         else:
             with open(file, "rb") as f:
                 raw = f.read()
@@ -68,7 +69,7 @@ def documents(files, text_field: str = "text"):
 def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_field: str) -> dict:
     """Stream the documents that are not blank into the two token files, EOS after each, ~1M characters at a time
     (work for every core of encode_batch); the manifest last, so that a killed run never reads as done."""
-    dtype = np.uint16 if max(tokenizer.get_vocab_size(), eos + 1) <= 2**16 else np.uint32
+    dtype = "uint16" if max(tokenizer.get_vocab_size(), eos + 1) <= 2**16 else "uint32"
     docs, tokens, batch, size = [0, 0], [0, 0], [], 0
     outs = [open(os.path.join(folder, f"{s}.bin"), "wb") for s in SIDES]
     for text in itertools.chain(documents(files, text_field), [None]):  # None: the end, the last batch's turn
@@ -89,23 +90,23 @@ def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_fiel
         out.close()
     if not all(docs):
         raise ValueError(f"{sum(docs)} documents cannot be split at --held-out {held_out}: give more documents")
-    manifest = {"dtype": np.dtype(dtype).name} | {s: {"documents": d, "tokens": t} for s, d, t in
-                                                   zip(SIDES, docs, tokens)}
-    with open(os.path.join(folder, "manifest.json.tmp"), "w") as f:
+    manifest = {"dtype": dtype} | {s: {"documents": d, "tokens": t} for s, d, t in zip(SIDES, docs, tokens)}
+    file = os.path.join(folder, "manifest.json")
+    with open(file + ".tmp", "w") as f:
         json.dump(manifest, f)
-    os.replace(os.path.join(folder, "manifest.json.tmp"), os.path.join(folder, "manifest.json"))
+    os.replace(file + ".tmp", file)
     print(f"tokenised {sum(docs):,} documents ({docs[1]:,} held out), {sum(tokens):,} tokens", file=sys.stderr)
     return manifest
 
 
 def load_splits(cfg, cache: str | None = None) -> list:
-    """The (train, held_out) token streams of cfg's --data, --held-out and --model's tokenizer, as memmaps: found in
-    the cache or prepared now. The key names the files (path, size, mtime), the split and tokenizer.json."""
+    """The (train, held_out) token streams of cfg's --data, --held-out and --model's tokenizer, as memmaps: from the
+    cache, keyed by the files (path, size, mtime), the split and tokenizer.json, or prepared now."""
     files, eos = find_files(cfg.data), load_config(cfg.model).eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     with open(os.path.join(cfg.model, "tokenizer.json"), "rb") as f:
-        key = [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files]
-        key += [cfg.held_out, cfg.text_field, eos, hashlib.sha1(f.read()).hexdigest()]
+        vocab = hashlib.sha1(f.read()).hexdigest()
+    key = [[p, os.path.getsize(p), os.path.getmtime(p)] for p in files] + [cfg.held_out, cfg.text_field, eos, vocab]
     folder = os.path.join(cache or CACHE, "tokens", hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16])
     if os.path.isfile(manifest := os.path.join(folder, "manifest.json")):
         with open(manifest) as f:
@@ -130,8 +131,7 @@ class Windows:
     def batch(self, indices, device="cpu", offsets=None):
         """(inputs, labels) [B, seq_len] of the windows; with offsets, the labels of each offset."""
         L = self.seq_len
-        w = np.stack([self.tokens[i * L:(i + 1) * L + self.offset] for i in indices])
-        w = torch.from_numpy(w.astype(np.int64))
+        w = torch.from_numpy(np.stack([self.tokens[i * L:(i + 1) * L + self.offset] for i in indices]).astype(np.int64))
         if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
             w = w.pin_memory()
         w = w.to(device, non_blocking=True)
