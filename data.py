@@ -31,9 +31,9 @@ def find_files(sources) -> list:
         return files or sorted(f for f in stdlib if "site-packages" not in f)
     files = []
     for src in sources:
-        if os.path.isdir(src):  # a folder: the files of a known kind in it
+        if os.path.isdir(src):
             found = sorted(os.path.join(top, n) for top, _, names in os.walk(src) for n in names)
-        else:  # a file, of any kind, or a glob
+        else:
             found = [src] if os.path.isfile(src) else sorted(glob.glob(src, recursive=True))
         if not found:
             raise FileNotFoundError(f"--data {src!r} matches no files")
