@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from controller import TARGETS, VARIANTS, Gate, StepNorm, SVDLoRA
+from controller import VARIANTS, Gate, StepNorm, SVDLoRA
 
 
 # Part 1: the decoder
@@ -133,7 +133,7 @@ class DecoderLayer(nn.Module):
 
 
 def projection(layer: DecoderLayer, target: str) -> tuple:
-    """(parent module, attribute name) of a layer's projection `target`, one of TARGETS."""
+    """(parent module, attribute name) of a layer's projection `target`, one of controller.TARGETS."""
     return (layer.self_attn if target in ("q", "k", "v", "o") else layer.mlp), f"{target}_proj"
 
 
