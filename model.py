@@ -72,7 +72,7 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         mask = pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)  # [T, max_len]
-        with torch.autocast(q.device.type, enabled=False):  # in the cache's dtype (fp32 on a CPU)
+        with torch.autocast("cpu", enabled=False):  # a CPU's cache is fp32: attend in it, not in bf16
             y = F.scaled_dot_product_attention(q.to(self.k.dtype), self.k, self.v, attn_mask=mask,
                                                enable_gqa=q.shape[1] != self.k.shape[1])
         return y.to(q.dtype)

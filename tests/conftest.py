@@ -26,6 +26,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "compile: runs torch.compile (deselect with -m 'not compile')")
 
 
+SLOWEST = ("test_qwen_gguf.py", "test_gpu_check.py", "test_train.py", "test_device.py")  # a minute or so each
+
+
+def pytest_collection_modifyitems(items):
+    """The slowest files first: with -n 2 --dist loadfile, the two workers then end at about the same time."""
+    items.sort(key=lambda item: item.fspath.basename not in SLOWEST)
+
+
 TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=128, tied=False)  # make_checkpoint's shape
 
 
