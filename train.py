@@ -266,8 +266,7 @@ def deferred_signals():
             signal.signal(s, handler)
 
 
-def write_atomic(file: str, data: bytes):
-    """Replace `file` all at once: a temporary file, synced to disk, then renamed over it."""
+def write_atomic(file: str, data: bytes):  # all at once: a temporary file, synced to disk, renamed over `file`
     with open(file + ".tmp", "wb") as f:
         f.write(data)
         f.flush()
@@ -275,16 +274,14 @@ def write_atomic(file: str, data: bytes):
     os.replace(file + ".tmp", file)
 
 
-def save_checkpoint(path: str, model: Ouroboros, opt, step: int):
-    """What trains and AdamW's moments, in one safetensors file, written atomically."""
+def save_checkpoint(path: str, model: Ouroboros, opt, step: int):  # what trains, and AdamW's moments
     tensors = {f"model.{n}": p.detach().cpu() for n, p in model.trainable().items()}
     for n, p in model.trainable().items():
         tensors |= {f"optim.{n}.{k}": v.detach().cpu() for k, v in opt.state.get(p, {}).items()}
     write_atomic(path, save(tensors, metadata={"step": str(step)}))
 
 
-def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:
-    """Restore what trains (and AdamW's state); returns the step it was saved at."""
+def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:  # -> the step it was saved at
     with safe_open(path, "pt") as f:
         step, tensors = int(f.metadata()["step"]), load_file(path)
     with torch.no_grad():
@@ -294,17 +291,6 @@ def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:
                 opt.state[p] = {k.rsplit(".", 1)[1]: v if k.endswith(".step") else v.to(p.device)
                                 for k, v in tensors.items() if k.startswith(f"optim.{n}.")}
     return step
-
-
-def claim(cfg: TrainConfig, resume: bool):
-    """Refuse an --out this run would damage: anything but a new or empty folder, or a run of train.py's own."""
-    ckpt, own = os.path.join(cfg.out, "checkpoint.safetensors"), os.path.join(cfg.out, "config.json")
-    ours = os.path.isfile(own) and '"depths"' in open(own).read()
-    if os.path.exists(cfg.out) and not ours and (os.path.isfile(cfg.out) or os.listdir(cfg.out)):
-        raise ValueError(f"--out {cfg.out} is not a run of train.py, nor a new or empty folder: name another")
-    if os.path.exists(ckpt) != resume:
-        raise ValueError(f"--resume: {cfg.out} holds no checkpoint" if resume else
-                         f"{ckpt} exists: pass --resume to continue that run, or another --out")
 
 
 def dry_run(cfg: TrainConfig):
@@ -333,8 +319,7 @@ def dry_run(cfg: TrainConfig):
                 f"{k / 2**30:.2f} -> {(weights + logits + k) / 2**30:.2f}" for k in kept))
 
 
-def cli(main, argv=None):
-    """Run main(argv); the mistakes this project raises (ValueError, OSError) end in one `error:` line."""
+def cli(main, argv=None):  # the mistakes this project raises (ValueError, OSError) end in one `error:` line
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except (ValueError, OSError) as e:
@@ -345,7 +330,14 @@ def main(argv=None):
     cfg, resume, dry = parse(argv)
     if dry:
         return dry_run(cfg)
-    claim(cfg, resume)
+    # Refuse an --out this run would damage: anything but a new or empty folder, or a run of train.py's own.
+    ckpt, own = os.path.join(cfg.out, "checkpoint.safetensors"), os.path.join(cfg.out, "config.json")
+    ours = os.path.isfile(own) and '"depths"' in open(own).read()
+    if os.path.exists(cfg.out) and not ours and (os.path.isfile(cfg.out) or os.listdir(cfg.out)):
+        raise ValueError(f"--out {cfg.out} is not a run of train.py, nor a new or empty folder: name another")
+    if os.path.exists(ckpt) != resume:
+        raise ValueError(f"--resume: {cfg.out} holds no checkpoint" if resume else
+                         f"{ckpt} exists: pass --resume to continue that run, or another --out")
     train(cfg, resume)
     if cfg.final_eval and "RANK" not in os.environ:  # eval.py is its own program: train.py never imports it
         sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out, "--device",
