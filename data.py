@@ -3,6 +3,7 @@ batches tokenised on every core, so memory stays flat however large the corpus; 
 
     python data.py --model DIR --data corpus/*.parquet --held-out 0.01   # tokenise once, print the splits
 """
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -25,14 +26,19 @@ SIDES = ("train", "held_out")
 def find_files(sources) -> list:
     """Files from paths, folders and globs; by default the Python docs, else the standard library's sources."""
     if not sources:
-        if not (files := sorted(glob.glob(PYTHON_DOCS, recursive=True))):
-            print(f"no Python docs at {PYTHON_DOCS}: the corpus is the standard library's sources", file=sys.stderr)
+        if files := sorted(glob.glob(PYTHON_DOCS, recursive=True)):
+            return files
+        print(f"no Python docs at {PYTHON_DOCS}: the corpus is the standard library's sources", file=sys.stderr)
         stdlib = glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True)
-        return files or sorted(f for f in stdlib if "site-packages" not in f)
+        return sorted(f for f in stdlib if "site-packages" not in f)
     files = []
     for src in sources:
         if os.path.isdir(src):
-            found = sorted(os.path.join(top, n) for top, _, names in os.walk(src) for n in names)
+            found = []
+            for top, dirs, names in os.walk(src):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # as a glob would: no .git, no .venv
+                found += [os.path.join(top, n) for n in names if not n.startswith(".")]
+            found.sort()
         else:
             found = [src] if os.path.isfile(src) else sorted(glob.glob(src, recursive=True))
         if not found:
@@ -103,17 +109,21 @@ def load_splits(cfg, cache: str | None = None) -> list:
     """The (train, held_out) token streams of cfg's --data, --held-out and --model's tokenizer, as memmaps: from the
     cache, keyed by the files (path, size, mtime), the split and tokenizer.json, or prepared now."""
     files, eos = find_files(cfg.data), load_config(cfg.model).eos_token_id
+    if eos is None:
+        raise ValueError(f"{cfg.model}/config.json has no eos_token_id to end documents with")
     eos = eos[0] if isinstance(eos, list) else eos
     with open(os.path.join(cfg.model, "tokenizer.json"), "rb") as f:
         vocab = hashlib.sha1(f.read()).hexdigest()
     key = [[p, os.path.getsize(p), os.path.getmtime(p)] for p in files] + [cfg.held_out, cfg.text_field, eos, vocab]
     folder = os.path.join(cache or CACHE, "tokens", hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16])
-    if os.path.isfile(manifest := os.path.join(folder, "manifest.json")):
-        with open(manifest) as f:
-            m = json.load(f)
-    else:
-        os.makedirs(folder, exist_ok=True)
-        m = tokenize(files, folder, load_tokenizer(cfg.model), eos, cfg.held_out, cfg.text_field)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "lock"), "w") as lock:  # one process tokenises; the others wait, then read
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(manifest := os.path.join(folder, "manifest.json")):
+            with open(manifest) as f:
+                m = json.load(f)
+        else:
+            m = tokenize(files, folder, load_tokenizer(cfg.model), eos, cfg.held_out, cfg.text_field)
     return [np.memmap(os.path.join(folder, f"{s}.bin"), m["dtype"], "r", shape=(m[s]["tokens"],)) for s in SIDES]
 
 
