@@ -80,7 +80,8 @@ def load_ouroboros(path: str, oc: OuroborosConfig, dtype=torch.float32, device="
     cfg = config or load_config(path)
     pre, r, post, removed = oc.split(cfg.num_hidden_layers)
     base, read, bases = load_model(path, dtype, device, pre + [r] + post, cfg), open_weights(path), {}
-    for t in TARGETS:  # the removed layers are read one tensor at a time, never all resident
+    for t in TARGETS if oc.variant != "none" else ():  # (--variant none has no low-rank term to build them for)
+        # The removed layers are read one tensor at a time, never all resident.
         proj = ("self_attn." if t in ("q", "k", "v", "o") else "mlp.") + f"{t}_proj"  # model.projection's names
         w = lambda i: read[f"model.layers.{i}.{proj}.weight"]().to(device=device, dtype=torch.float32)
         residual = sum(w(i) for i in removed) / len(removed) - w(r)

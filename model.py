@@ -282,8 +282,8 @@ class Ouroboros(nn.Module):
     def readout(self, ids, depths, pos=None) -> dict:
         """{depth: the coda's output after that many steps} for each depth asked for, from one run of the loop.
         base.head(h) makes logits of one."""
-        if not 1 <= max(depths) <= self.config.max_steps:
-            raise ValueError(f"depth {max(depths)} must be in 1..{self.config.max_steps} (max_steps)")
+        if bad := [d for d in depths if not 1 <= d <= self.config.max_steps]:
+            raise ValueError(f"depth {bad[0]} must be in 1..{self.config.max_steps} (max_steps)")
         saving = self.checkpoint_steps and torch.is_grad_enabled()
         run = lambda save, fn, *args: checkpoint(fn, *args, use_reentrant=False) if save else fn(*args)
         x, rope = self.base.embed(ids, pos)
@@ -305,7 +305,7 @@ class Ouroboros(nn.Module):
     def trainable(self) -> dict:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}  # controller, gate, step norms
 
-    def kept_bytes(self, batch: int, seq_len: int, depth: int, checkpointed: bool) -> int:
+    def kept_bytes(self, batch: int, seq_len: int, depth: int, checkpointed: bool, every: bool = False) -> int:
         """The bytes autograd keeps for backward in a training step (train.py --dry-run, on the meta device): each
         storage once, not the weights, nor attention's [T, T] scores (fused kernels keep none)."""
         weights, kept = {id(p.untyped_storage()) for p in self.parameters()}, {}
@@ -314,9 +314,11 @@ class Ouroboros(nn.Module):
             if id(s := t.untyped_storage()) not in weights and tuple(t.shape[-2:]) != (seq_len, seq_len):
                 kept[id(s)] = s.nbytes()
             return t
-        self.checkpoint_steps, ids = checkpointed, torch.zeros(batch, seq_len).long()
+        was, self.checkpoint_steps = self.checkpoint_steps, checkpointed
+        ids = torch.zeros(batch, seq_len, dtype=torch.long, device=self.base.embed_tokens.weight.device)
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            self(ids, depth, labels=ids).backward()
+            self(ids, depth, labels=ids, every=every).backward()
+        self.checkpoint_steps = was
         return sum(kept.values())
 
     def setup_caches(self, batch: int, max_len: int, depth: int):
@@ -324,4 +326,5 @@ class Ouroboros(nn.Module):
         self.base.setup_caches(batch, max_len)
         k, cfg = self.recurrent.self_attn.kv_cache.k, self.base.config
         self.step_caches = nn.ModuleList(KVCache(batch, cfg, max_len, k.dtype, k.device) for _ in range(depth))
+        self.recurrent.self_attn.kv_cache = None  # freed: each step attends over its own, set as the loop runs
         self.sums = torch.zeros(depth, batch, 1, cfg.hidden_size, device=k.device)

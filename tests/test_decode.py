@@ -106,8 +106,8 @@ def test_a_cpu_cache_attends_in_fp32_whatever_the_weights_and_autocast(ckpt):
     (which would cast attention to bf16), its output back in the query's dtype."""
     model = ouroboros(ckpt, torch.bfloat16, **SPLIT)
     model.setup_caches(1, 8, 2)
-    caches = [layer.self_attn.kv_cache for layer in model.base.layers.values()] + list(model.step_caches)
-    assert len(caches) == 5 + 2 and all(c.k.dtype == c.v.dtype == torch.float32 for c in caches)
+    caches = [layer.self_attn.kv_cache for layer in model.prelude + model.coda] + list(model.step_caches)
+    assert len(caches) == 4 + 2 and all(c.k.dtype == c.v.dtype == torch.float32 for c in caches)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n, 5, 16, generator=g).to(torch.bfloat16) for n in (4, 2, 2))
     with torch.autocast("cpu", torch.bfloat16):
