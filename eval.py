@@ -16,6 +16,8 @@ only itself.
     loss reduction % = (pruned - x) / pruned        gap recovered % = (pruned - x) / (pruned - full)
 """
 import argparse
+import dataclasses
+import glob
 import json
 import os
 import sys
@@ -25,7 +27,7 @@ import torch
 
 from data import SIDES as SPLITS, Windows, load_splits
 from load_qwen import load_model, load_ouroboros
-from train import ROOT, cli, load_checkpoint, placement, read_config, write_atomic
+from train import FREE, ROOT, SETTINGS, cli, load_checkpoint, name, placement, read_config, write_atomic
 
 TITLES = {"train": "training distribution", "held_out": "held-out documents"}
 TABLE = ("model", "data", "text_field", "held_out", "seq_len", "prelude", "recurrent", "coda")  # a table shares
@@ -37,15 +39,6 @@ def load_run(run: str, dtype=torch.float32, device="cpu"):
     model = load_ouroboros(cfg.model, cfg, dtype, device)
     load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
     return model.eval(), cfg
-
-
-def name(cfg) -> str:
-    """A run's variant, the name its seeds share in a table: controller-causal, static, gate+norm, ... (-nogate: no
-    gate; -r8: rank 8 instead of 32; -t+2: trained on token t+2)."""
-    text = {"controller": f"controller-{cfg.pool}", "none": "gate+norm" if cfg.gate else "norm-only"}.get(cfg.variant,
-                                                                                                        cfg.variant)
-    text += "" if cfg.gate or cfg.variant == "none" else "-nogate"
-    return text + ("" if cfg.rank == 32 else f"-r{cfg.rank}") + ("" if cfg.label_offset == 1 else f"-t+{cfg.label_offset}")
 
 
 def per_window(loss, rows: int, labels) -> torch.Tensor:
@@ -78,18 +71,29 @@ def evaluate(runs, depths, windows, device="auto", precision="auto", out=None) -
         raise ValueError(f"runs in one table must share {', '.join(TABLE)}: evaluate such runs separately")
     if len(names := [(name(c), c.seed) for c in cfgs]) != len(set(names)):
         raise ValueError("two runs of the same variant and seed: a table takes each once")
+    groups = {}  # a variant's runs are its seeds: alike in all else that shapes what they learn
+    for run, c in zip(runs, cfgs):
+        other, want = groups.setdefault(name(c), (run, c))
+        learned = [k for k in SETTINGS if k not in FREE - {"steps"} | {"seed"}]
+        if differ := [k for k in learned if getattr(c, k) != getattr(want, k)]:
+            raise ValueError(f"{run} and {other} are both {name(c)} but differ in {', '.join(differ)}: the runs of a "
+                             "variant must differ in --seed only")
     score = lambda fn, offs: scores(fn, first, windows, offs, max(offsets), where, autocast)  # the same windows
     shown = os.path.relpath(first.model, ROOT)  # inside the repository: the same text on every machine
     result = {"model": first.model if shown.startswith("..") else shown, "seq_len": first.seq_len, "depths": depths,
               "split": f"{first.prelude} + [{first.recurrent}] + {first.coda}",
               "command": "python eval.py " + " ".join(sys.argv[1:]), "runs": []}
-    key = {k: getattr(first, k) for k in TABLE} | {"dtype": str(dtype), "windows": windows, "offsets": offsets}
+    weights = [(f, os.path.getsize(f), os.path.getmtime(f))  # a model converted again invalidates the cached losses
+               for f in sorted(glob.glob(os.path.join(first.model, "*.safetensors")))]
+    key = {k: getattr(first, k) for k in TABLE} | {"dtype": str(dtype), "windows": windows, "offsets": offsets,
+                                                   "tokens": os.path.dirname(load_splits(first)[0].filename),
+                                                   "weights": weights}
 
     def references():
         full = load_model(first.model, dtype, where)
         f = score(lambda x, ys: per_window(lambda b, y: full(x[b:b + 1], labels=y), len(x), ys), offsets)
         del full  # freed before the pruned model is loaded
-        model = load_ouroboros(first.model, first, dtype, where)
+        model = load_ouroboros(first.model, dataclasses.replace(first, variant="none"), dtype, where)  # no SVD
         p = score(lambda x, ys: per_window(lambda b, y: model.pruned(x[b:b + 1], labels=y), len(x), ys), offsets)
         return {s: {f"t+{o}": {"full": f[s][j].tolist(), "pruned": p[s][j].tolist()} for j, o in enumerate(offsets)}
                 for s in SPLITS}
@@ -169,7 +173,8 @@ def summary(result, against=("pruned",)) -> list:
                              "seed_sd": float(np.std(list(mine.values()), ddof=1)) if len(mine) > 1 else None,
                              "seed_diffs": {b: {seed: x - theirs[b][seed] for seed, x in mine.items()
                                                 if seed in theirs[b]} for b in diffs},
-                             "reduction": 100 * (pruned - loss) / pruned, "gap": 100 * (pruned - loss) / (pruned - full)})
+                             "reduction": 100 * (pruned - loss) / pruned,
+                             "gap": 100 * (pruned - loss) / (pruned - full)})
     return rows
 
 
@@ -188,7 +193,8 @@ def markdown(result) -> str:
         for objective in result["reference"][s]:
             table = [r for r in result["summary"] if r["split"] == s and r["objective"] == objective]
             targets = table[0]["against"]
-            out += ["", f"**{TITLES[s]}, token {objective}**", "", "| model | depth | seeds | loss [95% CI] | ± seeds | "
+            out += ["", f"**{TITLES[s]}, token {objective}**", "",
+                    "| model | depth | seeds | loss [95% CI] | ± seeds | "
                     + " | ".join(f"Δ vs {b} [95% CI]" for b in targets) + " | gap recovered |",
                     "|---|---|---|---|---|" + "---|" * len(targets) + "---|"]
             for r in table:

@@ -80,6 +80,11 @@ def main(argv=None):
                    help="auto: bf16 on GPUs and on CPUs with native bf16")
     p.add_argument("--json", action="store_true", help="print the token ids and timings as JSON")
     a = p.parse_args(argv)
+    bad = [(a.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+           (a.temperature < 0 or a.top_k < 0, "--temperature and --top-k must not be negative"),
+           (not 0 < a.top_p <= 1, "--top-p must lie in (0, 1]")]
+    if found := [what for wrong, what in bad if wrong]:
+        raise ValueError("; ".join(found))
     if a.precision == "auto":  # a CPU with native bf16 (AVX512-BF16, AMX) decodes faster in bf16; others in fp32
         native = any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))
         a.precision = "bf16" if native else "auto"
@@ -88,8 +93,8 @@ def main(argv=None):
     config, tok = load_config(folder), load_tokenizer(folder)
     prompt = torch.tensor([tok.encode(a.prompt).ids], device=device)
     new = min(a.max_new_tokens, config.max_position_embeddings - prompt.shape[1])
-    if prompt.shape[1] == 0 or new < 1:
-        raise ValueError(f"--prompt is {prompt.shape[1]} tokens: give some, and fewer than the model's context")
+    if not 0 < prompt.shape[1] < config.max_position_embeddings:
+        raise ValueError(f"--prompt is {prompt.shape[1]} tokens: give some, fewer than the model's context")
     if a.run is None:
         model = load_model(folder, dtype, device, config=config)
         model.setup_caches(1, prompt.shape[1] + new)

@@ -52,9 +52,10 @@ class TrainConfig(OuroborosConfig):  # the model's settings and training's: a fl
     beta2: float = 0.95          # AdamW's beta2
     clip: float = 1.0            # the gradient-norm clip
     seed: int = 0                # seeds the data order, the depths and the initialisation
-    # what follows changes nothing a run computes: --resume may change it
+    # What follows changes how a run runs, not what it learns: --resume may change it (a new setting that changes
+    # what is learned goes above). --device, --precision, --tf32 and --compile change the last bits of the numbers.
     steps: int = 80              # optimiser steps
-    out: str = ""                # the run folder (default: runs/<variant>-s<seed>)
+    out: str = ""                # the run folder (default: runs/<variant>-s<seed>, e.g. controller-causal-s0)
     log_interval: int = 5        # steps between log lines
     eval_interval: int = 20      # steps between held-out losses
     eval_windows: int = 16       # held-out windows in that loss
@@ -77,17 +78,17 @@ def parse(argv=None, description=__doc__):
                                 argument_default=argparse.SUPPRESS)  # `given` holds only the flags given
     source = inspect.getsource(OuroborosConfig) + inspect.getsource(TrainConfig)
     helps, defaults = dict(re.findall(r"^ +(\w+): .*?# (.*)$", source, re.M)), TrainConfig()
-    for name, kind in SETTINGS.items():
-        flag, default, help = "--" + name.replace("_", "-"), getattr(defaults, name), helps[name]
+    for key, kind in SETTINGS.items():
+        flag, default, help = "--" + key.replace("_", "-"), getattr(defaults, key), helps[key]
         if isinstance(default, bool):
-            p.add_argument("--no-" + flag[2:] if default else flag, dest=name, action=f"store_{not default}".lower(),
+            p.add_argument("--no-" + flag[2:] if default else flag, dest=key, action=f"store_{not default}".lower(),
                            help=help)
-        elif name == "data":
+        elif key == "data":
             p.add_argument(flag, nargs="*", help=help)
-        elif name == "depths":
+        elif key == "depths":
             p.add_argument(flag, type=lambda s: [int(d) for d in s.split(",")], help=f"{help} (default 4,8)")
         else:  # a choice of a Literal, or of VARIANTS
-            choices = list(VARIANTS) if name == "variant" else get_args(kind) or None
+            choices = list(VARIANTS) if key == "variant" else get_args(kind) or None
             p.add_argument(flag, type=type(default), choices=choices, help=f"{help} (default {default})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the split, what trains and the memory")
@@ -96,7 +97,7 @@ def parse(argv=None, description=__doc__):
     given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}  # a run works from anywhere
     given |= {"data": [os.path.abspath(d) for d in given["data"]]} if "data" in given else {}
     cfg = TrainConfig(**given)
-    cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-s{cfg.seed}")
+    cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{name(cfg)}-s{cfg.seed}")
     if resume:
         stored, flag = read_config(cfg.out), lambda k: "--" + k.replace("_", "-")
         if changed := [f"{flag(k)} {getattr(stored, k)}" for k, v in given.items() if k not in FREE and v !=
@@ -111,16 +112,27 @@ def parse(argv=None, description=__doc__):
                 cfg.log_interval, cfg.eval_interval, cfg.eval_windows, cfg.save_interval) < 1,
             "counts and intervals (--seq-len, --steps, --rank, --save-interval, ...) must be at least 1"),
            (not 0 <= cfg.warmup < cfg.steps, f"--warmup {cfg.warmup} must be below --steps {cfg.steps}"),
-           (not cfg.lr > 0 < cfg.clip, "--lr and --clip must be positive")]
+           (cfg.lr <= 0 or cfg.clip <= 0, "--lr and --clip must be positive")]
     if found := [what for wrong, what in bad if wrong]:  # the common mistakes, in one line before anything loads
         raise ValueError("; ".join(found))
     return cfg, resume, dry_run
 
 
+def name(cfg: TrainConfig) -> str:
+    """A run's variant, the name its seeds share: controller-causal, static, gate+norm, ... (-nogate: no gate;
+    -r8: rank 8 instead of 32; -t+2: trained on token t+2)."""
+    text = {"controller": f"controller-{cfg.pool}", "none": "gate+norm" if cfg.gate else "norm-only"}.get(
+        cfg.variant, cfg.variant) + ("" if cfg.gate or cfg.variant == "none" else "-nogate")
+    text += "" if cfg.rank == 32 else f"-r{cfg.rank}"
+    return text + ("" if cfg.label_offset == 1 else f"-t+{cfg.label_offset}")
+
+
 def read_config(run: str) -> TrainConfig:
     """A run's settings, from its config.json; a setting it lacks (one added since) takes its default."""
     with open(os.path.join(run, "config.json")) as f:
-        return TrainConfig(**{k: v for k, v in json.load(f).items() if k in SETTINGS})
+        raw = json.load(f)
+    raw |= raw.pop("ouroboros", {})  # a run saved before the lean layout kept the model's settings apart
+    return TrainConfig(**{k: v for k, v in raw.items() if k in SETTINGS})
 
 
 def placement(device: str, precision: str):
@@ -149,17 +161,15 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     if s.device.type == "cuda":
         torch.cuda.set_device(s.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    if s.world > 1:
-        dist.init_process_group("nccl" if s.device.type == "cuda" else "gloo")
     config = load_config(cfg.model)
     cfg.split(config.num_hidden_layers)
     if cfg.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context ({config.max_position_embeddings})")
-    if s.rank == 0:  # the data first (a wrong --data fails in seconds), tokenised by one process
-        load_splits(cfg)
-    if s.world > 1:
-        dist.barrier()
+    # The data first (a wrong --data fails in seconds), before the process group: one process tokenises, the
+    # others wait on the cache's lock, with no collective timeout running.
     s.train, s.held = (Windows(t, cfg.seq_len, cfg.label_offset) for t in load_splits(cfg))
+    if s.world > 1:
+        dist.init_process_group("nccl" if s.device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)  # the controller's initialisation
     s.model = load_ouroboros(cfg.model, cfg, dtype, s.device, config)
     s.model.checkpoint_steps = cfg.checkpoint_steps
@@ -167,14 +177,16 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
         s.model.step = torch.compile(s.model.step)
     s.params = s.model.trainable()
     norms = {id(m.weight) for m in s.model.modules() if isinstance(m, StepNorm)}
-    decay = [p for p in s.params.values() if p.dim() >= 2 and id(p) not in norms]  # matrices: not norms or biases
-    rest = [p for p in s.params.values() if all(p is not q for q in decay)]
-    s.opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
+    decay = {n for n, p in s.params.items() if p.dim() >= 2 and id(p) not in norms}  # matrices: not norms, biases
+    groups = [[p for n, p in s.params.items() if (n in decay) == d] for d in (True, False)]
+    s.opt = torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr,
                               betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     s.net = s.model if s.world == 1 else torch.nn.parallel.DistributedDataParallel(
         s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     s.log = print if s.rank == 0 else lambda *a, **k: None
     s.start = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt) if resume else 0
+    if s.start >= cfg.steps:
+        raise ValueError(f"--resume: {cfg.out} holds step {s.start} already; give --steps above it")
     s.log(f"device {s.device}, {s.train.n:,} training / {s.held.n:,} held-out windows of {cfg.seq_len} tokens, "
           f"{sum(p.numel() for p in s.params.values()):,} trainable parameters" + f"; from step {s.start}" * resume)
     if s.rank == 0:
@@ -203,7 +215,8 @@ def train(cfg: TrainConfig, resume: bool = False):
                 loss += micro_loss.detach()  # no .item(): no host-device sync per micro-step
             norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
             # One sync per step, the same in every process: skip an update that is not finite; stop on a signal.
-            flags = torch.stack([(~torch.isfinite(loss + norm)).float(), torch.tensor(len(caught) + 0.0, device=s.device)])
+            stopping = torch.tensor(float(bool(caught)), device=s.device)
+            flags = torch.stack([(~torch.isfinite(loss + norm)).float(), stopping])
             if s.world > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             skip, stop = (f > 0 for f in flags.tolist())
@@ -283,7 +296,8 @@ def save_checkpoint(path: str, model: Ouroboros, opt, step: int):  # what trains
 
 def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:  # -> the step it was saved at
     with safe_open(path, "pt") as f:
-        step, tensors = int(f.metadata()["step"]), load_file(path)
+        step = int(f.metadata()["step"])
+    tensors = {k.replace(".diagonals.", ".controller."): v for k, v in load_file(path).items()}  # the older name
     with torch.no_grad():
         for n, p in model.trainable().items():
             p.copy_(tensors[f"model.{n}"])
@@ -313,7 +327,7 @@ def dry_run(cfg: TrainConfig):
               f"{weights / 2**30:.2f} (what trains in fp32, its gradients and AdamW's moments too) + the loss's "
               f"logits {logits / 2**30:.2f} + the activations kept for backward:")
         for depth in cfg.depths:
-            kept = [model.kept_bytes(cfg.batch_size, cfg.seq_len, depth, ck) for ck in (False, True)]
+            kept = [model.kept_bytes(cfg.batch_size, cfg.seq_len, depth, ck, cfg.readout == "every") for ck in (0, 1)]
             kept[1] += (kept[0] - kept[1]) / depth  # and one step's, recomputed in backward
             print(f"  depth {depth:2d}: " + "; with --checkpoint-steps ".join(
                 f"{k / 2**30:.2f} -> {(weights + logits + k) / 2**30:.2f}" for k in kept))

@@ -27,12 +27,13 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save  # noqa: E402
 
+from controller import VARIANTS  # noqa: E402
 from data import Windows, load_splits  # noqa: E402
-from eval import bootstrap, load_run, name  # noqa: E402
+from eval import bootstrap, load_run  # noqa: E402
 from generate import generate, pick_token  # noqa: E402
 from load_qwen import load_config, load_tokenizer  # noqa: E402
 from model import through  # noqa: E402
-from train import cli, placement, read_config, write_atomic  # noqa: E402
+from train import cli, name, placement, read_config, write_atomic  # noqa: E402
 
 EPSILON = 0.05  # nats: a step counts as good enough within this of the deepest step's loss
 PARTS = ("calibration", "evaluation")
@@ -196,9 +197,13 @@ def carry(model, k: int, pos, stopped):
 
 
 def refuse_mean_pool(run: str):
-    if read_config(run).pool == "mean":
-        raise ValueError(f"{run}'s controller pools over the whole sequence (pool='mean': it sees the future), so it "
-                         "cannot decode through the KV cache: measure a pool='causal' run")
+    """Before anything loads: a controller that is not causal (pool='mean' sees the future) cannot decode."""
+    cfg = read_config(run)
+    with torch.device("meta"):  # the variant says so itself, whatever it is
+        causal = VARIANTS[cfg.variant](8, cfg).causal
+    if not causal:
+        raise ValueError(f"{run}'s controller is not causal (pool={cfg.pool!r} sees the future), so it cannot decode "
+                         "through the KV cache: measure a causal run")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -207,5 +207,5 @@ def test_bad_input_is_one_clear_error(trained, tmp_path):
     with open(os.path.join(trained, "config.json")) as f:
         config = json.load(f)
     (tmp_path / "config.json").write_text(json.dumps(config | {"pool": "mean"}))
-    with pytest.raises(ValueError, match="pool='mean'.*sees the future.*measure a pool='causal' run"):
+    with pytest.raises(ValueError, match=r"not causal \(pool='mean' sees the future\).*measure a causal run"):
         exits.main(["eval", "--run", str(tmp_path)])
