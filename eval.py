@@ -27,7 +27,7 @@ import torch
 
 from data import SIDES as SPLITS, Windows, load_splits
 from load_qwen import load_model, load_ouroboros
-from train import FREE, ROOT, SETTINGS, cli, load_checkpoint, name, placement, read_config, write_atomic
+from train import FREE, ROOT, SETTINGS, cli, load_checkpoint, placement, read_config, write_atomic
 
 TITLES = {"train": "training distribution", "held_out": "held-out documents"}
 TABLE = ("model", "data", "text_field", "held_out", "seq_len", "prelude", "recurrent", "coda")  # a table shares
@@ -39,6 +39,16 @@ def load_run(run: str, dtype=torch.float32, device="cpu"):
     model = load_ouroboros(cfg.model, cfg, dtype, device)
     load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
     return model.eval(), cfg
+
+
+def name(cfg) -> str:
+    """A run's variant, the name its seeds share: controller-causal, static, gate+norm, ... (-nogate: no gate;
+    -r8: rank 8 instead of 32; -t+2: trained on token t+2)."""
+    text = {"controller": f"controller-{cfg.pool}", "none": "gate+norm" if cfg.gate else "norm-only"}.get(
+        cfg.variant, cfg.variant) + ("" if cfg.gate or cfg.variant == "none" else "-nogate")
+    text += "" if cfg.rank == 32 else f"-r{cfg.rank}"
+    return text + ("" if cfg.label_offset == 1 else f"-t+{cfg.label_offset}")
+
 
 
 def per_window(loss, rows: int, labels) -> torch.Tensor:

@@ -12,11 +12,10 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Literal, get_args
 
@@ -55,11 +54,11 @@ class TrainConfig(OuroborosConfig):  # the model's settings and training's: a fl
     # What follows changes how a run runs, not what it learns: --resume may change it (a new setting that changes
     # what is learned goes above). --device, --precision, --tf32 and --compile change the last bits of the numbers.
     steps: int = 80              # optimiser steps
-    out: str = ""                # the run folder (default: runs/<variant>-s<seed>, e.g. controller-causal-s0)
+    out: str = ""                # the run folder (default: runs/<variant>-s<seed>)
     log_interval: int = 5        # steps between log lines
     eval_interval: int = 20      # steps between held-out losses
     eval_windows: int = 16       # held-out windows in that loss
-    save_interval: int = 20      # steps between checkpoints (also at the end and on a signal)
+    save_interval: int = 20      # steps between checkpoints (and at the end)
     device: str = "auto"         # auto (cuda:LOCAL_RANK, mps, cpu) or a torch device
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a bf16 base under autocast; auto: bf16 on GPUs
     tf32: bool = False           # let fp32 matmuls on CUDA run in TF32 (otherwise fp32 means fp32)
@@ -97,7 +96,7 @@ def parse(argv=None, description=__doc__):
     given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}  # a run works from anywhere
     given |= {"data": [os.path.abspath(d) for d in given["data"]]} if "data" in given else {}
     cfg = TrainConfig(**given)
-    cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{name(cfg)}-s{cfg.seed}")
+    cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-s{cfg.seed}")
     if resume:
         stored, flag = read_config(cfg.out), lambda k: "--" + k.replace("_", "-")
         if changed := [f"{flag(k)} {getattr(stored, k)}" for k, v in given.items() if k not in FREE and v !=
@@ -118,21 +117,10 @@ def parse(argv=None, description=__doc__):
     return cfg, resume, dry_run
 
 
-def name(cfg: TrainConfig) -> str:
-    """A run's variant, the name its seeds share: controller-causal, static, gate+norm, ... (-nogate: no gate;
-    -r8: rank 8 instead of 32; -t+2: trained on token t+2)."""
-    text = {"controller": f"controller-{cfg.pool}", "none": "gate+norm" if cfg.gate else "norm-only"}.get(
-        cfg.variant, cfg.variant) + ("" if cfg.gate or cfg.variant == "none" else "-nogate")
-    text += "" if cfg.rank == 32 else f"-r{cfg.rank}"
-    return text + ("" if cfg.label_offset == 1 else f"-t+{cfg.label_offset}")
-
-
 def read_config(run: str) -> TrainConfig:
     """A run's settings, from its config.json; a setting it lacks (one added since) takes its default."""
     with open(os.path.join(run, "config.json")) as f:
-        raw = json.load(f)
-    raw |= raw.pop("ouroboros", {})  # a run saved before the lean layout kept the model's settings apart
-    return TrainConfig(**{k: v for k, v in raw.items() if k in SETTINGS})
+        return TrainConfig(**{k: v for k, v in json.load(f).items() if k in SETTINGS})
 
 
 def placement(device: str, precision: str):
@@ -185,8 +173,6 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
         s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     s.log = print if s.rank == 0 else lambda *a, **k: None
     s.start = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt) if resume else 0
-    if s.start >= cfg.steps:
-        raise ValueError(f"--resume: {cfg.out} holds step {s.start} already; give --steps above it")
     s.log(f"device {s.device}, {s.train.n:,} training / {s.held.n:,} held-out windows of {cfg.seq_len} tokens, "
           f"{sum(p.numel() for p in s.params.values()):,} trainable parameters" + f"; from step {s.start}" * resume)
     if s.rank == 0:
@@ -198,60 +184,50 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
 def train(cfg: TrainConfig, resume: bool = False):
     """The loop: learning rate, micro-steps, clip, step, log, eval, save."""
     s = setup(cfg, resume)
-    t0, loss_sum, good, bad, stop = time.time(), torch.zeros((), device=s.device), 0, 0, False
-    with deferred_signals() as caught:
-        for step in range(s.start, cfg.steps):
-            done, lr = step + 1, lr_at(step, cfg)
-            for group in s.opt.param_groups:
-                group["lr"] = lr
-            loss = torch.zeros((), device=s.device)
-            for micro in range(cfg.grad_accum):
-                idx, depth = s.train.draw(cfg, step, micro, s.rank, s.world)
-                x, y = s.train.batch(idx, s.device)
-                sync = s.net is s.model or micro == cfg.grad_accum - 1  # DDP: one all-reduce per optimiser step
-                with s.autocast, (nullcontext() if sync else s.net.no_sync()):
-                    micro_loss = s.net(x, depth=depth, labels=y, every=cfg.readout == "every")
-                    (micro_loss / cfg.grad_accum).backward()
-                loss += micro_loss.detach()  # no .item(): no host-device sync per micro-step
-            norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
-            # One sync per step, the same in every process: skip an update that is not finite; stop on a signal.
-            stopping = torch.tensor(float(bool(caught)), device=s.device)
-            flags = torch.stack([(~torch.isfinite(loss + norm)).float(), stopping])
+    t0, loss_sum, good, bad, done = time.time(), torch.zeros((), device=s.device), 0, 0, s.start
+    for step in range(s.start, cfg.steps):
+        done, lr = step + 1, lr_at(step, cfg)
+        for group in s.opt.param_groups:
+            group["lr"] = lr
+        loss = torch.zeros((), device=s.device)
+        for micro in range(cfg.grad_accum):
+            idx, depth = s.train.draw(cfg, step, micro, s.rank, s.world)
+            x, y = s.train.batch(idx, s.device)
+            sync = s.net is s.model or micro == cfg.grad_accum - 1  # DDP: one all-reduce per optimiser step
+            with s.autocast, (nullcontext() if sync else s.net.no_sync()):
+                micro_loss = s.net(x, depth=depth, labels=y, every=cfg.readout == "every")
+                (micro_loss / cfg.grad_accum).backward()
+            loss += micro_loss.detach()  # no .item(): no host-device sync per micro-step
+        norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
+        skip = (~torch.isfinite(loss + norm)).float()  # one sync per step, the same verdict in every process
+        if s.world > 1:
+            dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+        if skip.item():  # no optimiser step: the weights and AdamW's moments stay as they were; three in a row end it
+            s.log(f"step {done:5d}/{cfg.steps}  update skipped: a non-finite loss or gradient norm")
+            if (bad := bad + 1) == 3:
+                raise ValueError(f"steps {done - 2}..{done} were all non-finite: the run diverged; lower --lr")
+        else:
+            s.opt.step()
+            loss_sum, good, bad = loss_sum + loss, good + 1, 0
+        s.opt.zero_grad(set_to_none=True)
+        line = ""
+        if done % cfg.log_interval == 0 or done == cfg.steps:
             if s.world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            skip, stop = (f > 0 for f in flags.tolist())
-            if skip:  # no optimiser step: the weights and AdamW's moments stay as they were; three in a row end it
-                s.log(f"step {done:5d}/{cfg.steps}  update skipped: a non-finite loss or gradient norm")
-                if (bad := bad + 1) == 3:
-                    raise ValueError(f"steps {done - 2}..{done} were all non-finite: the run diverged; lower --lr")
-            else:
-                s.opt.step()
-                loss_sum, good, bad = loss_sum + loss, good + 1, 0
-            s.opt.zero_grad(set_to_none=True)
-            line = ""
-            if done % cfg.log_interval == 0 or done == cfg.steps:
-                if s.world > 1:
-                    dist.all_reduce(loss_sum)
-                tok_s = (done - s.start) * cfg.batch_size * cfg.grad_accum * s.world * cfg.seq_len / (time.time() - t0)
-                mean = loss_sum.item() / s.world / good / cfg.grad_accum if good else math.nan  # all skipped: nan
-                line, loss_sum, good = f"  loss {mean:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", loss_sum.zero_(), 0
-            if done % cfg.eval_interval == 0 or done == cfg.steps:
-                t = "" if cfg.label_offset == 1 else f", token t+{cfg.label_offset}"
-                line += f"  held-out {held_out_loss(s, cfg):.4f} (depth {max(cfg.depths)}{t})"
-            if line:
-                s.log(f"step {done:5d}/{cfg.steps}{line}", flush=True)
-            if s.rank == 0 and (done == cfg.steps or stop or done % cfg.save_interval == 0 and not bad):
-                save_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt, done)
-            if stop:
-                break
+                dist.all_reduce(loss_sum)
+            tok_s = (done - s.start) * cfg.batch_size * cfg.grad_accum * s.world * cfg.seq_len / (time.time() - t0)
+            mean = loss_sum.item() / s.world / good / cfg.grad_accum if good else math.nan  # all skipped: nan
+            line, loss_sum, good = f"  loss {mean:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", loss_sum.zero_(), 0
+        if done % cfg.eval_interval == 0 or done == cfg.steps:
+            t = "" if cfg.label_offset == 1 else f", token t+{cfg.label_offset}"
+            line += f"  held-out {held_out_loss(s, cfg):.4f} (depth {max(cfg.depths)}{t})"
+        if line:
+            s.log(f"step {done:5d}/{cfg.steps}{line}", flush=True)
+        if s.rank == 0 and (done == cfg.steps or done % cfg.save_interval == 0 and not bad):
+            save_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt, done)
     if s.world > 1:  # leave together: a process that tears down while rank 0 still saves can abort it
         dist.barrier()
         dist.destroy_process_group()
-    if stop or caught:  # a signal to any process (or one after the last step's check) stops them all
-        signum = caught[0] if caught else signal.SIGTERM
-        s.log(f"stopped by {signal.Signals(signum).name} after step {done}: --resume continues")
-        sys.exit(128 + signum)
-    s.log(f"trained {cfg.steps - s.start} steps in {(time.time() - t0) / 60:.1f} min")
+    s.log(f"trained {done - s.start} steps in {(time.time() - t0) / 60:.1f} min")
 
 
 @torch.no_grad()
@@ -262,21 +238,6 @@ def held_out_loss(s: SimpleNamespace, cfg: TrainConfig) -> float:
         with s.autocast:
             total += s.model(x, depth=max(cfg.depths), labels=y).float().item() * len(x)
     return total / len(idx)
-
-
-@contextmanager
-def deferred_signals():
-    """SIGTERM (a cluster's preemption) and SIGINT are noted, not obeyed at once: the loop finishes its step,
-    saves and exits 128 + signal. A second one acts at once."""
-    def note(signum, frame):
-        caught.append(signum)
-        signal.signal(signum, previous[signum])
-    caught, previous = [], {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield caught
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def write_atomic(file: str, data: bytes):  # all at once: a temporary file, synced to disk, renamed over `file`
@@ -296,8 +257,7 @@ def save_checkpoint(path: str, model: Ouroboros, opt, step: int):  # what trains
 
 def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:  # -> the step it was saved at
     with safe_open(path, "pt") as f:
-        step = int(f.metadata()["step"])
-    tensors = {k.replace(".diagonals.", ".controller."): v for k, v in load_file(path).items()}  # the older name
+        step, tensors = int(f.metadata()["step"]), load_file(path)
     with torch.no_grad():
         for n, p in model.trainable().items():
             p.copy_(tensors[f"model.{n}"])

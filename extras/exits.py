@@ -29,11 +29,11 @@ from safetensors.torch import load_file, save  # noqa: E402
 
 from controller import VARIANTS  # noqa: E402
 from data import Windows, load_splits  # noqa: E402
-from eval import bootstrap, load_run  # noqa: E402
+from eval import bootstrap, load_run, name  # noqa: E402
 from generate import generate, pick_token  # noqa: E402
 from load_qwen import load_config, load_tokenizer  # noqa: E402
 from model import through  # noqa: E402
-from train import cli, name, placement, read_config, write_atomic  # noqa: E402
+from train import cli, placement, read_config, write_atomic  # noqa: E402
 
 EPSILON = 0.05  # nats: a step counts as good enough within this of the deepest step's loss
 PARTS = ("calibration", "evaluation")
