@@ -4,6 +4,7 @@ batches tokenised on every core, so memory stays flat however large the corpus; 
     python data.py --model DIR --data corpus/*.parquet --held-out 0.01   # tokenise once, print the splits
 """
 import fcntl
+import functools
 import glob
 import gzip
 import hashlib
@@ -33,12 +34,8 @@ def find_files(sources) -> list:
         return sorted(f for f in stdlib if "site-packages" not in f)
     files = []
     for src in sources:
-        if os.path.isdir(src):
-            found = []
-            for top, dirs, names in os.walk(src):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # as a glob would: no .git, no .venv
-                found += [os.path.join(top, n) for n in names if not n.startswith(".")]
-            found.sort()
+        if os.path.isdir(src):  # as a glob: no hidden files or folders (.git, .venv)
+            found = sorted(f for f in glob.glob(os.path.join(src, "**"), recursive=True) if os.path.isfile(f))
         else:
             found = [src] if os.path.isfile(src) else sorted(glob.glob(src, recursive=True))
         if not found:
@@ -134,7 +131,7 @@ class Windows:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, offset: int = 1):
         self.tokens, self.seq_len, self.offset = tokens, seq_len, offset
-        self.n, self.order = (len(tokens) - offset) // seq_len, (None, None)  # order: ((seed, epoch), windows)
+        self.n = (len(tokens) - offset) // seq_len
         if self.n < 1:
             raise ValueError(f"{len(tokens)} tokens do not fill a window of {seq_len + offset}: lower --seq-len")
 
@@ -153,14 +150,12 @@ class Windows:
         first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
         depth = cfg.depths[torch.randint(len(cfg.depths), (), generator=g).item()]
-        return [self.window(cfg.seed, *divmod(i, self.n)) for i in range(first, first + cfg.batch_size)], depth
+        return [self.order(cfg.seed, i // self.n)[i % self.n] for i in range(first, first + cfg.batch_size)], depth
 
-    def window(self, seed: int, epoch: int, i: int) -> int:
-        """The i-th window of an epoch: a permutation per (seed, epoch)."""
-        if self.order[0] != (seed, epoch):
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            self.order = ((seed, epoch), perm.tolist())
-        return self.order[1][i]
+    @functools.lru_cache(maxsize=1)
+    def order(self, seed: int, epoch: int) -> list:
+        """The windows of an epoch, shuffled: a permutation per (seed, epoch)."""
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
     def spread(self, count: int) -> list:
         """`count` fixed windows spread over the whole stream: an evaluation set."""

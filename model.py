@@ -305,6 +305,13 @@ class Ouroboros(nn.Module):
     def trainable(self) -> dict:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}  # controller, gate, step norms
 
+    def optimizer(self, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
+        """AdamW over what trains, decaying its matrices only: not biases, nor the step norms' weights."""
+        decay = {p: p.dim() >= 2 and p is not self.step_norm.weight for p in self.trainable().values()}
+        groups = [[p for p, d in decay.items() if d == want] for want in (True, False)]
+        return torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}], lr=lr,
+                                 betas=betas, weight_decay=weight_decay)
+
     def kept_bytes(self, batch: int, seq_len: int, depth: int, checkpointed: bool, every: bool = False) -> int:
         """The bytes autograd keeps for backward in a training step (train.py --dry-run, on the meta device): each
         storage once, not the weights, nor attention's [T, T] scores (fused kernels keep none)."""

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from controller import TARGETS, VARIANTS, StepNorm
+from controller import TARGETS, VARIANTS
 from data import Windows, load_splits
 from load_qwen import DEFAULT_MODEL, load_config, load_ouroboros
 from model import Ouroboros, OuroborosConfig, Transformer, projection
@@ -153,8 +153,7 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     cfg.split(config.num_hidden_layers)
     if cfg.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context ({config.max_position_embeddings})")
-    # The data first (a wrong --data fails in seconds), before the process group: one process tokenises, the
-    # others wait on the cache's lock, with no collective timeout running.
+    # The data first: a wrong --data fails in seconds, and no collective times out while one process tokenises.
     s.train, s.held = (Windows(t, cfg.seq_len, cfg.label_offset) for t in load_splits(cfg))
     if s.world > 1:
         dist.init_process_group("nccl" if s.device.type == "cuda" else "gloo")
@@ -163,12 +162,7 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     s.model.checkpoint_steps = cfg.checkpoint_steps
     if cfg.compile:  # the step index turns into a symbolic int after one recompile: two graphs for any depth
         s.model.step = torch.compile(s.model.step)
-    s.params = s.model.trainable()
-    norms = {id(m.weight) for m in s.model.modules() if isinstance(m, StepNorm)}
-    decay = {n for n, p in s.params.items() if p.dim() >= 2 and id(p) not in norms}  # matrices: not norms, biases
-    groups = [[p for n, p in s.params.items() if (n in decay) == d] for d in (True, False)]
-    s.opt = torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr,
-                              betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    s.params, s.opt = s.model.trainable(), s.model.optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2))
     s.net = s.model if s.world == 1 else torch.nn.parallel.DistributedDataParallel(
         s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     s.log = print if s.rank == 0 else lambda *a, **k: None
@@ -277,20 +271,19 @@ def dry_run(cfg: TrainConfig):
         shapes = {t: getattr(*projection(base.layers[str(r)], t)).weight.shape for t in TARGETS}
         model = Ouroboros(base, cfg, {t: (torch.empty(cfg.rank, i), torch.empty(o, cfg.rank)) for t, (o, i) in
                                       shapes.items()}).to(dtype)
-        print(f"{config.num_hidden_layers} layers: prelude {pre}, recurrent {r}, coda {post}, {len(removed)} removed")
-        for name, module in model.named_children():
-            if n := sum(p.numel() for p in module.parameters() if p.requires_grad):
-                print(f"{name:<12}{n:>12,} trainable")
-        weights = sum(p.nbytes for p in model.parameters()) + 16 * sum(p.numel() for p in model.trainable().values())
-        logits = 8 * min(1024, cfg.batch_size * cfg.seq_len) * config.vocab_size  # a chunk of them, fp32, twice
-        print(f"peak memory of a step, batch {cfg.batch_size} x {cfg.seq_len}, {dtype}, in GiB: the weights "
-              f"{weights / 2**30:.2f} (what trains in fp32, its gradients and AdamW's moments too) + the loss's "
-              f"logits {logits / 2**30:.2f} + the activations kept for backward:")
-        for depth in cfg.depths:
-            kept = [model.kept_bytes(cfg.batch_size, cfg.seq_len, depth, ck, cfg.readout == "every") for ck in (0, 1)]
-            kept[1] += (kept[0] - kept[1]) / depth  # and one step's, recomputed in backward
-            print(f"  depth {depth:2d}: " + "; with --checkpoint-steps ".join(
-                f"{k / 2**30:.2f} -> {(weights + logits + k) / 2**30:.2f}" for k in kept))
+    print(f"{config.num_hidden_layers} layers: prelude {pre}, recurrent {r}, coda {post}, {len(removed)} removed")
+    for name, module in model.named_children():
+        if n := sum(p.numel() for p in module.parameters() if p.requires_grad):
+            print(f"{name:<12}{n:>12,} trainable")
+    weights = sum(p.nbytes for p in model.parameters()) + 16 * sum(p.numel() for p in model.trainable().values())
+    logits = 8 * min(1024, cfg.batch_size * cfg.seq_len) * config.vocab_size  # a chunk of them, fp32, twice
+    print(f"peak memory of a step, batch {cfg.batch_size} x {cfg.seq_len}, {dtype}, GiB: weights {weights / 2**30:.2f}"
+          f" (with what trains, its gradients and AdamW's moments) + logits {logits / 2**30:.2f} + activations:")
+    for depth in cfg.depths:
+        kept = [model.kept_bytes(cfg.batch_size, cfg.seq_len, depth, ck, cfg.readout == "every") for ck in (0, 1)]
+        kept[1] += (kept[0] - kept[1]) / depth  # and one step's, recomputed in backward
+        print(f"  depth {depth:2d}: " + "; with --checkpoint-steps ".join(
+            f"{k / 2**30:.2f} -> {(weights + logits + k) / 2**30:.2f}" for k in kept))
 
 
 def cli(main, argv=None):  # the mistakes this project raises (ValueError, OSError) end in one `error:` line

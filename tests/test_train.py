@@ -377,9 +377,8 @@ def test_dry_run_of_a_qwen25_3b_config(tmp_path):
     weights = (4 * (17 * layer + 151936 * d + d + bases + trained) + 16 * trained) / 2**30  # + gradients, AdamW
     logits = 8 * 1024 * 151936 / 2**30  # a chunk of 1024 tokens' logits and their softmax, fp32
     (head,) = [line for line in lines if line.startswith("peak memory")]
-    assert head == (f"peak memory of a step, batch 8 x 256, torch.float32, in GiB: the weights {weights:.2f} (what "
-                    f"trains in fp32, its gradients and AdamW's moments too) + the loss's logits {logits:.2f} + the "
-                    "activations kept for backward:")
+    assert head == (f"peak memory of a step, batch 8 x 256, torch.float32, GiB: weights {weights:.2f} (with what "
+                    f"trains, its gradients and AdamW's moments) + logits {logits:.2f} + activations:")
     rows = {int(line.split()[1][:-1]): [[float(x) for x in part.split()[-3::2]] for part in line.split(";")]
             for line in lines if line.startswith("  depth")}
     assert sorted(rows) == [4, 8, 16]
