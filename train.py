@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -51,14 +52,14 @@ class TrainConfig(OuroborosConfig):  # the model's settings and training's: a fl
     beta2: float = 0.95          # AdamW's beta2
     clip: float = 1.0            # the gradient-norm clip
     seed: int = 0                # seeds the data order, the depths and the initialisation
-    # What follows changes how a run runs, not what it learns: --resume may change it (a new setting that changes
-    # what is learned goes above). --device, --precision, --tf32 and --compile change the last bits of the numbers.
+    # From here on, how a run runs, not what it learns: --resume may change these (--device, --precision, --tf32
+    # and --compile change the last bits).
     steps: int = 80              # optimiser steps
     out: str = ""                # the run folder (default: runs/<variant>-s<seed>)
     log_interval: int = 5        # steps between log lines
     eval_interval: int = 20      # steps between held-out losses
     eval_windows: int = 16       # held-out windows in that loss
-    save_interval: int = 20      # steps between checkpoints (and at the end)
+    save_interval: int = 20      # steps between checkpoints (also at the end and on a signal)
     device: str = "auto"         # auto (cuda:LOCAL_RANK, mps, cpu) or a torch device
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a bf16 base under autocast; auto: bf16 on GPUs
     tf32: bool = False           # let fp32 matmuls on CUDA run in TF32 (otherwise fp32 means fp32)
@@ -68,7 +69,7 @@ class TrainConfig(OuroborosConfig):  # the model's settings and training's: a fl
 
 
 SETTINGS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}  # {name: type}, in order
-FREE = set(list(SETTINGS)[list(SETTINGS).index("steps"):])  # more --steps; what changes nothing computed
+FREE = set(list(SETTINGS)[list(SETTINGS).index("steps"):])  # what --resume may change
 
 
 def parse(argv=None, description=__doc__):
@@ -99,8 +100,8 @@ def parse(argv=None, description=__doc__):
     cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-s{cfg.seed}")
     if resume:
         stored, flag = read_config(cfg.out), lambda k: "--" + k.replace("_", "-")
-        if changed := [f"{flag(k)} {getattr(stored, k)}" for k, v in given.items() if k not in FREE and v !=
-                       getattr(stored, k)]:
+        if changed := [f"{flag(k)} {getattr(stored, k)}" for k, v in given.items()
+                       if k not in FREE and v != getattr(stored, k)]:
             raise ValueError(f"--resume: {cfg.out} was trained with {', '.join(changed)}; only more --steps and "
                              f"{', '.join(map(flag, sorted(FREE - {'steps'})))} may change")
         cfg = dataclasses.replace(stored, **given | {"out": cfg.out})
@@ -117,8 +118,7 @@ def parse(argv=None, description=__doc__):
     return cfg, resume, dry_run
 
 
-def read_config(run: str) -> TrainConfig:
-    """A run's settings, from its config.json; a setting it lacks (one added since) takes its default."""
+def read_config(run: str) -> TrainConfig:  # a setting the run lacks (one added since) takes its default
     with open(os.path.join(run, "config.json")) as f:
         return TrainConfig(**{k: v for k, v in json.load(f).items() if k in SETTINGS})
 
@@ -172,13 +172,19 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     if s.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1).encode())
+    s.caught = []  # SIGTERM (a cluster's preemption) or SIGINT: the step finishes, saves, and the run exits
+
+    def note(signum, frame):
+        s.caught.append(signum)
+        signal.signal(signum, s.handlers[signum])  # a second one acts at once
+    s.handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
     return s
 
 
 def train(cfg: TrainConfig, resume: bool = False):
     """The loop: learning rate, micro-steps, clip, step, log, eval, save."""
     s = setup(cfg, resume)
-    t0, loss_sum, good, bad, done = time.time(), torch.zeros((), device=s.device), 0, 0, s.start
+    t0, loss_sum, good, bad, done, stop = time.time(), torch.zeros((), device=s.device), 0, 0, s.start, False
     for step in range(s.start, cfg.steps):
         done, lr = step + 1, lr_at(step, cfg)
         for group in s.opt.param_groups:
@@ -193,10 +199,11 @@ def train(cfg: TrainConfig, resume: bool = False):
                 (micro_loss / cfg.grad_accum).backward()
             loss += micro_loss.detach()  # no .item(): no host-device sync per micro-step
         norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
-        skip = (~torch.isfinite(loss + norm)).float()  # one sync per step, the same verdict in every process
-        if s.world > 1:
-            dist.all_reduce(skip, op=dist.ReduceOp.MAX)
-        if skip.item():  # no optimiser step: the weights and AdamW's moments stay as they were; three in a row end it
+        flags = torch.stack([(~torch.isfinite(loss + norm)).float(), torch.tensor(len(s.caught) + 0.0, device=s.device)])
+        if s.world > 1:  # one sync per step, the same verdicts in every process: skip the update? stop?
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        skip, stop = (f > 0 for f in flags.tolist())
+        if skip:  # no update: the weights and AdamW's moments stay as they were; three in a row end the run
             s.log(f"step {done:5d}/{cfg.steps}  update skipped: a non-finite loss or gradient norm")
             if (bad := bad + 1) == 3:
                 raise ValueError(f"steps {done - 2}..{done} were all non-finite: the run diverged; lower --lr")
@@ -216,11 +223,19 @@ def train(cfg: TrainConfig, resume: bool = False):
             line += f"  held-out {held_out_loss(s, cfg):.4f} (depth {max(cfg.depths)}{t})"
         if line:
             s.log(f"step {done:5d}/{cfg.steps}{line}", flush=True)
-        if s.rank == 0 and (done == cfg.steps or done % cfg.save_interval == 0 and not bad):
+        if s.rank == 0 and (done == cfg.steps or stop or done % cfg.save_interval == 0 and not bad):
             save_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt, done)
+        if stop:
+            break
+    for sig, handler in s.handlers.items():
+        signal.signal(sig, handler)
     if s.world > 1:  # leave together: a process that tears down while rank 0 still saves can abort it
         dist.barrier()
         dist.destroy_process_group()
+    if stop or s.caught:  # a signal to any process, or one during the last save
+        signum = (s.caught or [signal.SIGTERM])[0]
+        s.log(f"stopped by {signal.Signals(signum).name} after step {done}: --resume continues")
+        sys.exit(128 + signum)
     s.log(f"trained {done - s.start} steps in {(time.time() - t0) / 60:.1f} min")
 
 
@@ -234,7 +249,7 @@ def held_out_loss(s: SimpleNamespace, cfg: TrainConfig) -> float:
     return total / len(idx)
 
 
-def write_atomic(file: str, data: bytes):  # all at once: a temporary file, synced to disk, renamed over `file`
+def write_atomic(file: str, data: bytes):  # a temporary file, synced to disk, renamed over `file`
     with open(file + ".tmp", "wb") as f:
         f.write(data)
         f.flush()
@@ -262,15 +277,15 @@ def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:  # -> the ste
 
 
 def dry_run(cfg: TrainConfig):
-    """The split, what trains and a step's peak memory, from config.json alone: the model is built on the meta
-    device, where a step counts what autograd keeps for backward (Ouroboros.kept_bytes)."""
+    """The split, what trains and a step's peak memory from config.json alone: the model on the meta device, where
+    Ouroboros.kept_bytes counts what autograd keeps for backward."""
     config, dtype = load_config(cfg.model), placement(cfg.device, cfg.precision)[1]
     pre, r, post, removed = cfg.split(config.num_hidden_layers)
     with torch.device("meta"):  # bf16 everywhere keeps about what autocast keeps
         base = Transformer(config, pre + [r] + post)
         shapes = {t: getattr(*projection(base.layers[str(r)], t)).weight.shape for t in TARGETS}
-        model = Ouroboros(base, cfg, {t: (torch.empty(cfg.rank, i), torch.empty(o, cfg.rank)) for t, (o, i) in
-                                      shapes.items()}).to(dtype)
+        model = Ouroboros(base, cfg, {t: (torch.empty(cfg.rank, i), torch.empty(o, cfg.rank))
+                                      for t, (o, i) in shapes.items()}).to(dtype)
     print(f"{config.num_hidden_layers} layers: prelude {pre}, recurrent {r}, coda {post}, {len(removed)} removed")
     for name, module in model.named_children():
         if n := sum(p.numel() for p in module.parameters() if p.requires_grad):
@@ -297,9 +312,8 @@ def main(argv=None):
     cfg, resume, dry = parse(argv)
     if dry:
         return dry_run(cfg)
-    # Refuse an --out this run would damage: anything but a new or empty folder, or a run of train.py's own.
     ckpt, own = os.path.join(cfg.out, "checkpoint.safetensors"), os.path.join(cfg.out, "config.json")
-    ours = os.path.isfile(own) and '"depths"' in open(own).read()
+    ours = os.path.isfile(own) and '"depths"' in open(own).read()  # a run of train.py's own
     if os.path.exists(cfg.out) and not ours and (os.path.isfile(cfg.out) or os.listdir(cfg.out)):
         raise ValueError(f"--out {cfg.out} is not a run of train.py, nor a new or empty folder: name another")
     if os.path.exists(ckpt) != resume:

@@ -9,7 +9,7 @@ Nothing is downloaded: the model folders hold random weights of Qwen2.5-0.5B's a
 tokenizer; the corpus is this repository's own sources. Stages:
     env       versions; the bf16 matmul ceiling that MFU is measured against
     train     train.py at the 0.5B shape: tok/s, MFU (extras/bench.py's train_flops) and peak memory per depth
-    resume    killed (SIGTERM) after a save, --resume, and the checkpoint bit for bit against an uninterrupted run
+    resume    SIGTERM inside a save, --resume, and the checkpoint bit for bit against an uninterrupted run
     shapes    the 3B shape at depths 4/8/16, with and without --checkpoint-steps, against --dry-run's estimate
     generate  eval.py; generate.py cached against --no-cache (fp32: the same ids), and its tok/s eager and compiled
     decode    batch 1, greedy, bf16: ours eager and compiled (CUDA graphs) against transformers' generate()
@@ -120,7 +120,7 @@ def folder(path, shape, weights="1"):
 
 def train_wrap(*argv):
     """train.py, its steps stamped: lr_at runs at the start of every optimiser step, after the step before has
-    synchronised; Windows.draw gives each step's depth. GC_STOP_AT: SIGTERM to itself after that step's save."""
+    synchronised; Windows.draw gives each step's depth. GC_STOP_AT: SIGTERM to itself inside that step's save."""
     import atexit
     import torch
     import data

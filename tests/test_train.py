@@ -1,6 +1,6 @@
 """Training (train.py) on a tiny model and corpus: it lowers the loss; a resumed run is the run never interrupted, bit
 for bit; two processes train as one; a bad update is skipped and a diverging run stops with its last good checkpoint;
-a killed run resumes exactly; --out and --resume refuse what would damage or change a run; --dry-run
+signals stop every process at the same step; --out and --resume refuse what would damage or change a run; --dry-run
 counts what a 3B model would train. Every run is pinned to the CPU (train_args), except those marked cuda."""
 import contextlib
 import io
@@ -26,11 +26,14 @@ from model import OuroborosConfig
 from train import TrainConfig, lr_at, parse, placement, read_config
 
 # train.py in a fresh process, its token cache the first argument; SLOW=seconds sleeps before every step (room for a
-# signal to land mid-run).
+# signal to land mid-run), PIDS=folder writes each process's pid there as pid<RANK>.
 TRAIN = """import os, sys, time
 sys.path.insert(0, {root!r})
 import data, train
 data.CACHE = sys.argv.pop(1)
+if os.environ.get("PIDS"):
+    with open(os.path.join(os.environ["PIDS"], "pid" + os.environ.get("RANK", "0")), "w") as f:
+        f.write(str(os.getpid()))
 if os.environ.get("SLOW"):
     lr_at = train.lr_at
     train.lr_at = lambda step, cfg: time.sleep(float(os.environ["SLOW"])) or lr_at(step, cfg)
@@ -140,18 +143,21 @@ def test_resume_after_a_kill_between_saves_is_exact(setup, whole, tmp_path, monk
     assert_same_checkpoint(out, whole[0])
 
 
-def test_a_killed_process_resumes_exactly(setup, whole, script, tmp_path):
-    """A real train.py process killed (SIGKILL: a preemption's grace period over) after step 3: its checkpoint is the
-    last whole save, and --resume ends on exactly the tensors of the run never interrupted."""
+def test_sigterm_finishes_the_step_saves_and_resume_is_exact(setup, whole, script, tmp_path):
+    """A real train.py process gets SIGTERM after step 2: it finishes the step it is in, saves, exits 143; --resume
+    then ends on exactly the tensors of the run never interrupted."""
     out = str(tmp_path / "cut")
     proc = subprocess.Popen([sys.executable, script, setup[2], *train_args(setup, out, *RUN)], env=env(SLOW="0.3"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if line.startswith("step     3/6"):
-            proc.kill()
+        if line.startswith("step     2/6"):
+            proc.send_signal(signal.SIGTERM)
             break
-    proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGKILL and saved_step(out) in (2, 4)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = int(rest.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert 2 <= stopped < 6 and "Traceback" not in err
+    assert saved_step(out) == stopped and optimiser_steps(out) == {float(stopped)}
     main(train_args(setup, out, *RUN, "--resume"))
     assert_same_checkpoint(out, whole[0])
 
@@ -206,8 +212,28 @@ def test_ddp_on_two_processes_matches_one_process(setup, whole, script, tmp_path
         assert (a[k] - b[k]).norm() <= 0.01 * change + 1e-7, k
 
 
+def test_sigterm_to_one_torchrun_process_stops_all_at_the_same_step(setup, script, tmp_path):
+    """Only rank 1 gets SIGTERM; rank 0 learns of it through the per-step flag, stops after the same step, saves it
+    and exits 143 (a rank that stopped alone would leave the other hanging)."""
+    out = str(tmp_path / "ddp")
+    proc = subprocess.Popen(torchrun(2, script, setup, *train_args(setup, out, "--batch-size", "2", "--steps", "12")),
+                            env=env(SLOW="0.3", PIDS=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("step     2/12"):
+            os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 143" in err, rest + err[-1500:]
+    stopped = saved_step(out)  # rank 0 saved the step it stopped after, the last it logged
+    assert 2 <= stopped < 12 and optimiser_steps(out) == {float(stopped)}
+    assert [line for line in rest.splitlines() if line.startswith("step")][-1].startswith(f"step {stopped:5d}/12")
+    # and says so, though it was not signalled itself (7cb7a20's rank 0 logged "trained 12 steps" and exited 0)
+    assert f"stopped by SIGTERM after step {stopped}" in rest, rest
+
+
 # ----------------------------------------------------------------------------------------------
-# never losing good work: non-finite updates
+# never losing good work: non-finite updates, signals
 
 @pytest.fixture
 def poison(monkeypatch):
@@ -276,6 +302,23 @@ def test_a_skipped_last_step_still_saves_the_final_step(setup, tmp_path, poison)
     out = str(tmp_path / "run")
     assert "step     4/4  update skipped" in main(train_args(setup, out, "--eval-interval", "100"))
     assert saved_step(out) == 4 and optimiser_steps(out) == {3.0}
+
+
+def test_a_signal_after_the_last_steps_check_is_honoured(setup, tmp_path, monkeypatch):
+    """SIGTERM during the final save (after the last per-step check): the checkpoint holds the final step, and the
+    run exits 143 instead of going on (to eval.py)."""
+    real = train.save_checkpoint
+
+    def save(path, model, opt, step):
+        real(path, model, opt, step)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred: noted, not obeyed at once
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        main(train_args(setup, out))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert saved_step(out) == 4 and optimiser_steps(out) == {4.0}
 
 
 # ----------------------------------------------------------------------------------------------
