@@ -139,9 +139,8 @@ class Windows:
         """(inputs, labels) [B, seq_len] of the windows; with offsets, the labels of each offset."""
         L = self.seq_len
         w = torch.from_numpy(np.stack([self.tokens[i * L:(i + 1) * L + self.offset] for i in indices]).astype(np.int64))
-        if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
-            w = w.pin_memory()
-        w = w.to(device, non_blocking=True)
+        pinned = w.pin_memory() if torch.device(device).type == "cuda" else w  # the copy does not wait for the GPU
+        w = pinned.to(device, non_blocking=True)
         return w[:, :L], (w[:, self.offset:] if offsets is None else [w[:, k:k + L] for k in offsets])
 
     def draw(self, cfg, step: int, micro: int, rank: int = 0, world: int = 1):
