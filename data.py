@@ -34,8 +34,12 @@ def find_files(sources) -> list:
         return sorted(f for f in stdlib if "site-packages" not in f)
     files = []
     for src in sources:
-        if os.path.isdir(src):  # as a glob: no hidden files or folders (.git, .venv)
-            found = sorted(f for f in glob.glob(os.path.join(src, "**"), recursive=True) if os.path.isfile(f))
+        if os.path.isdir(src):
+            found = []
+            for top, dirs, names in os.walk(src):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # as a glob would: no .git, no .venv
+                found += [os.path.join(top, n) for n in names if not n.startswith(".")]
+            found.sort()
         else:
             found = [src] if os.path.isfile(src) else sorted(glob.glob(src, recursive=True))
         if not found:

@@ -94,7 +94,7 @@ def evaluate(runs, depths, windows, device="auto", precision="auto", out=None) -
               "split": f"{first.prelude} + [{first.recurrent}] + {first.coda}",
               "command": "python eval.py " + " ".join(sys.argv[1:]), "runs": []}
     weights = [(f, os.path.getsize(f), os.path.getmtime(f))  # a model converted again invalidates the cached losses
-               for f in sorted(glob.glob(os.path.join(first.model, "*.safetensors")))]
+               for f in sorted(glob.glob(os.path.join(glob.escape(first.model), "*.safetensors")))]
     key = {k: getattr(first, k) for k in TABLE} | {"dtype": str(dtype), "windows": windows, "offsets": offsets,
                                                    "tokens": os.path.dirname(load_splits(first)[0].filename),
                                                    "weights": weights}

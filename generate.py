@@ -81,7 +81,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the token ids and timings as JSON")
     a = p.parse_args(argv)
     bad = [(a.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
-           (a.temperature < 0 or a.top_k < 0, "--temperature and --top-k must not be negative"),
+           (not a.temperature >= 0 or a.top_k < 0, "--temperature and --top-k must not be negative"),
            (not 0 < a.top_p <= 1, "--top-p must lie in (0, 1]")]
     if found := [what for wrong, what in bad if wrong]:
         raise ValueError("; ".join(found))
@@ -114,7 +114,8 @@ def main(argv=None):
         tokens, prefill, dt = generate(forward, prompt, new, pick, eos, not a.no_cache, a.compile)
     speed = (len(tokens) - 1) / dt if len(tokens) > 1 else float("nan")  # the forwards after the prefill
     if a.json:
-        return print(json.dumps({"ids": tokens, "text": tok.decode(tokens), "tokens_per_s": speed, "prefill_s": prefill}))
+        return print(json.dumps({"ids": tokens, "text": tok.decode(tokens), "tokens_per_s": speed,
+                                 "prefill_s": prefill}))
     print(a.prompt + tok.decode(tokens))
     print(f"\n[{len(tokens)} tokens, {speed:.1f} tok/s after a prefill of {prompt.shape[1]} in {prefill * 1e3:.0f} ms]",
           file=sys.stderr)

@@ -112,7 +112,7 @@ def parse(argv=None, description=__doc__):
                 cfg.log_interval, cfg.eval_interval, cfg.eval_windows, cfg.save_interval) < 1,
             "counts and intervals (--seq-len, --steps, --rank, --save-interval, ...) must be at least 1"),
            (not 0 <= cfg.warmup < cfg.steps, f"--warmup {cfg.warmup} must be below --steps {cfg.steps}"),
-           (cfg.lr <= 0 or cfg.clip <= 0, "--lr and --clip must be positive")]
+           (not (cfg.lr > 0 and cfg.clip > 0), "--lr and --clip must be positive")]
     if found := [what for wrong, what in bad if wrong]:  # the common mistakes, in one line before anything loads
         raise ValueError("; ".join(found))
     return cfg, resume, dry_run
@@ -167,6 +167,8 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
         s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     s.log = print if s.rank == 0 else lambda *a, **k: None
     s.start = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt) if resume else 0
+    if s.start >= cfg.steps:
+        raise ValueError(f"--resume: {cfg.out} holds step {s.start} already; give --steps above it")
     s.log(f"device {s.device}, {s.train.n:,} training / {s.held.n:,} held-out windows of {cfg.seq_len} tokens, "
           f"{sum(p.numel() for p in s.params.values()):,} trainable parameters" + f"; from step {s.start}" * resume)
     if s.rank == 0:
@@ -176,8 +178,8 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
 
     def note(signum, frame):
         s.caught.append(signum)
-        signal.signal(signum, s.handlers[signum])  # a second one acts at once
-    s.handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+        signal.signal(signum, handlers[signum])  # a second one acts at once
+    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
     return s
 
 
@@ -199,7 +201,8 @@ def train(cfg: TrainConfig, resume: bool = False):
                 (micro_loss / cfg.grad_accum).backward()
             loss += micro_loss.detach()  # no .item(): no host-device sync per micro-step
         norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
-        flags = torch.stack([(~torch.isfinite(loss + norm)).float(), torch.tensor(len(s.caught) + 0.0, device=s.device)])
+        stopping = torch.tensor(len(s.caught) + 0.0, device=s.device)
+        flags = torch.stack([(~torch.isfinite(loss + norm)).float(), stopping])
         if s.world > 1:  # one sync per step, the same verdicts in every process: skip the update? stop?
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip, stop = (f > 0 for f in flags.tolist())
@@ -227,8 +230,6 @@ def train(cfg: TrainConfig, resume: bool = False):
             save_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt, done)
         if stop:
             break
-    for sig, handler in s.handlers.items():
-        signal.signal(sig, handler)
     if s.world > 1:  # leave together: a process that tears down while rank 0 still saves can abort it
         dist.barrier()
         dist.destroy_process_group()
@@ -319,7 +320,12 @@ def main(argv=None):
     if os.path.exists(ckpt) != resume:
         raise ValueError(f"--resume: {cfg.out} holds no checkpoint" if resume else
                          f"{ckpt} exists: pass --resume to continue that run, or another --out")
-    train(cfg, resume)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train(cfg, resume)
+    finally:  # train installs its own: the process's come back, however training ended
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if cfg.final_eval and "RANK" not in os.environ:  # eval.py is its own program: train.py never imports it
         sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out, "--device",
                                  cfg.device, "--precision", cfg.precision]).returncode)

@@ -158,7 +158,7 @@ def test_out_naming_an_existing_file(setup, bad):
     (["--held-out", "1.5"], "--held-out must lie between 0 and 1"), (["--held-out", "0"], "--held-out must lie"),
     (["--depths", "65"], "--depths: each in 1..64"), (["--depths", "0,2"], "--depths: each in 1..64"),
     (["--warmup", "4"], "--warmup 4 must be below --steps 4"), (["--lr", "0"], "--lr and --clip must be positive"),
-    (["--clip", "-1"], "--lr and --clip must be positive"),
+    (["--clip", "-1"], "--lr and --clip must be positive"), (["--lr", "nan"], "--lr and --clip must be positive"),
     (["--save-interval", "0"], "must be at least 1"), (["--log-interval", "0"], "must be at least 1"),
     (["--eval-interval", "0"], "must be at least 1"), (["--eval-windows", "0"], "must be at least 1"),
 ])
@@ -173,7 +173,9 @@ def test_data_and_generate_and_eval_refuse_a_setting_out_of_its_range(setup, bad
     assert_one_error_line(data.main, ["--model", setup[0], "--data", setup[1], "--held-out", "1"], "--held-out")
     sample = ["--run", bad["run"], "--device", "cpu", "--prompt"]
     assert_one_error_line(generate.main, sample + [""], "--prompt is 0 tokens")
-    assert_one_error_line(generate.main, sample + ["x", "--max-new-tokens", "0"], "error")
+    assert_one_error_line(generate.main, sample + ["x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1")
+    assert_one_error_line(generate.main, sample + ["x", "--temperature", "nan"], "--temperature and --top-k must not")
+    assert_one_error_line(generate.main, sample + ["x", "--top-p", "0"], "--top-p must lie in (0, 1]")
     assert_one_error_line(generate.main, sample + ["x", "--depth", "0"], "depth 0 must be in 1..64")
     assert_one_error_line(generate.main, sample + ["x", "--depth", "65"], "depth 65 must be in 1..64")
     scored = ["--run", bad["run"], "--device", "cpu", "--out", str(tmp_path)]

@@ -368,6 +368,11 @@ def test_resume_refuses_a_change_to_what_the_run_computes_and_names_it(setup, wh
     assert snapshot(whole[0]) == before
 
 
+def test_resume_refuses_steps_it_has_done(setup, whole):
+    with pytest.raises(ValueError, match=f"--resume: {whole[0]} holds step 6 already; give --steps above it"):
+        main(train_args(setup, whole[0], "--resume", "--steps", "6"))
+
+
 def test_resume_accepts_more_steps_and_the_free_settings(setup, whole):
     stored = read_config(whole[0])
     cfg, resume, _ = parse(["--out", whole[0], "--resume", "--steps", "9", "--log-interval", "3", "--eval-interval", "9",
