@@ -55,7 +55,7 @@ class Controller(nn.Module):
         super().__init__()
         s, self.causal = oc.style, oc.pool == "causal"
         self.state_proj = nn.Linear(dim, 2 * s)  # W_u
-        self.step_embed = nn.Embedding(oc.max_steps, s)  # E
+        self.step_embed = nn.Embedding(oc.max_depth, s)  # E
         self.mlp = nn.Sequential(nn.Linear(3 * s, 2 * s), nn.SiLU(), nn.Linear(2 * s, s), nn.SiLU())  # W_1, W_2
         self.heads = nn.ModuleDict({t: nn.Linear(s, oc.rank, bias=False) for t in TARGETS})  # H_t
         for head in self.heads.values():
@@ -77,7 +77,7 @@ class StaticDiagonals(nn.Module):
 
     def __init__(self, dim: int, oc):
         super().__init__()
-        self.table = nn.Parameter(torch.zeros(oc.max_steps, len(TARGETS), oc.rank))
+        self.table = nn.Parameter(torch.zeros(oc.max_depth, len(TARGETS), oc.rank))
 
     def forward(self, h, step: int, pos, prefix=0.0):
         return {t: self.table[step, i] for i, t in enumerate(TARGETS)}
@@ -116,12 +116,12 @@ class Gate(nn.Module):
 
 
 class StepNorm(nn.Module):
-    """RMSNorm with its own weight row for every recurrent step ([max_steps, d], init 1)."""
+    """RMSNorm with its own weight row for every recurrent step ([max_depth, d], init 1)."""
 
-    def __init__(self, dim: int, max_steps: int, eps: float = 1e-6):
+    def __init__(self, dim: int, max_depth: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(max_steps, dim))
+        self.weight = nn.Parameter(torch.ones(max_depth, dim))
 
     def forward(self, x, step: int):
         xf = x.float()

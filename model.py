@@ -1,6 +1,7 @@
 """Part 1: a Qwen2 / Llama decoder by hand, computing what transformers' Qwen2ForCausalLM and LlamaForCausalLM do.
 Part 2: Ouroboros (arXiv 2604.02051), which loops one of its layers under a controller, between prelude and coda.
 `pos`, the positions of the tokens given, is None in the plain forward (0..T-1), a tensor when decoding."""
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,9 +72,13 @@ class KVCache(nn.Module):
     def attend(self, pos, q, k, v):
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        mask = pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)  # [T, max_len]
-        with torch.autocast("cpu", enabled=False):  # a CPU's cache is fp32: attend in it, not in bf16
-            y = F.scaled_dot_product_attention(q.to(self.k.dtype), self.k, self.v, attn_mask=mask,
+        if len(pos) == 1 and pos.is_cpu and not torch.compiler.is_compiling():  # a token, eager, on a CPU:
+            keys, values, mask = self.k[:, :, :int(pos) + 1], self.v[:, :, :int(pos) + 1], None  # the filled part
+        else:  # static shapes (a compiled step, a CUDA graph): the whole cache, masked beyond pos
+            keys, values, mask = self.k, self.v, pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)
+        off = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext()
+        with off:  # a CPU's cache is fp32: attend in it, not in bf16 (and enter no context when off already)
+            y = F.scaled_dot_product_attention(q.to(self.k.dtype), keys, values, attn_mask=mask,
                                                enable_gqa=q.shape[1] != self.k.shape[1])
         return y.to(q.dtype)
 
@@ -226,7 +231,7 @@ class OuroborosConfig:
     gate: bool = True  # mix each step into the state through the gate (False: h = h_new)
     pool: Literal["causal", "mean"] = "causal"  # the controller reads the prefix mean, or the paper's (all tokens)
     style: int = 128  # the controller's width s
-    max_steps: int = 64  # the most recurrent steps: one step embedding and one step-norm row each
+    max_depth: int = 64  # the most recurrent steps: one step embedding and one step-norm row each
 
     def split(self, n_layers: int):
         """(prelude, recurrent, coda, removed) layer indices for a model of n_layers."""
@@ -254,7 +259,7 @@ class Ouroboros(nn.Module):
         d = base.config.hidden_size
         with torch.device(base.embed_tokens.weight.device):  # fp32 whatever the base: bf16 AdamW updates round away
             self.controller = VARIANTS[oc.variant](d, oc)
-            self.step_norm = StepNorm(d, oc.max_steps)
+            self.step_norm = StepNorm(d, oc.max_depth)
             self.gate = Gate(d) if oc.gate else None
         self.checkpoint_steps = False  # recompute each step in backward: activation memory flat in depth
         self.step_caches = None  # decoding (setup_caches); sums is a buffer so that a CUDA graph can update it
@@ -282,8 +287,8 @@ class Ouroboros(nn.Module):
     def readout(self, ids, depths, pos=None) -> dict:
         """{depth: the coda's output after that many steps} for each depth asked for, from one run of the loop.
         base.head(h) makes logits of one."""
-        if bad := [d for d in depths if not 1 <= d <= self.config.max_steps]:
-            raise ValueError(f"depth {bad[0]} must be in 1..{self.config.max_steps} (max_steps)")
+        if bad := [d for d in depths if not 1 <= d <= self.config.max_depth]:
+            raise ValueError(f"depth {bad[0]} must be in 1..{self.config.max_depth} (max_depth)")
         saving = self.checkpoint_steps and torch.is_grad_enabled()
         run = lambda save, fn, *args: checkpoint(fn, *args, use_reentrant=False) if save else fn(*args)
         x, rope = self.base.embed(ids, pos)

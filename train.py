@@ -106,7 +106,7 @@ def parse(argv=None, description=__doc__):
                              f"{', '.join(map(flag, sorted(FREE - {'steps'})))} may change")
         cfg = dataclasses.replace(stored, **given | {"out": cfg.out})
     cfg.warmup = min(10, cfg.steps // 8) if cfg.warmup < 0 else cfg.warmup
-    bad = [(not all(1 <= d <= cfg.max_steps for d in cfg.depths), f"--depths: each in 1..{cfg.max_steps}"),
+    bad = [(not all(1 <= d <= cfg.max_depth for d in cfg.depths), f"--depths: each in 1..{cfg.max_depth}"),
            (not 0 < cfg.held_out < 1, "--held-out must lie between 0 and 1"),
            (min(cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.rank, cfg.style, cfg.label_offset,
                 cfg.log_interval, cfg.eval_interval, cfg.eval_windows, cfg.save_interval) < 1,

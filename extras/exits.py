@@ -45,9 +45,9 @@ class ExitHead(nn.Module):
     """The learned exit: after step k, lambda_k = sigmoid(w . [rms(h_k); log ||h_k - h_{k-1}|| / ||h_k||; e_k] + b),
     the chance that stopping here reads out within epsilon of the deepest step's loss (its training label)."""
 
-    def __init__(self, dim: int, max_steps: int, width: int = 16):
+    def __init__(self, dim: int, max_depth: int, width: int = 16):
         super().__init__()
-        self.step_embed = nn.Embedding(max_steps, width)  # e_k
+        self.step_embed = nn.Embedding(max_depth, width)  # e_k
         self.proj = nn.Linear(dim + 1 + width, 1)         # w, b
 
     def forward(self, h_old, h, step: int):
@@ -116,7 +116,7 @@ def train_exit_head(model, windows: Windows, depth: int, device, n: int = 32, it
         oracle.append(first_within(losses, EPSILON).flatten().float())
     states, targets = torch.cat(feats, 1), torch.cat(targets, 1)  # [depth + 1, tokens, d], [depth, tokens]
     torch.manual_seed(0)
-    head = ExitHead(states.shape[-1], model.config.max_steps).to(device)
+    head = ExitHead(states.shape[-1], model.config.max_depth).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     for _ in range(iters):
         loss = sum(F.binary_cross_entropy(head(states[k], states[k + 1], k), targets[k]) for k in range(depth)) / depth
@@ -137,7 +137,7 @@ def attach_exit_head(model, run: str):
     file, again = os.path.join(run, "exit.safetensors"), "train it again with python extras/exits.py head"
     if not os.path.isfile(file):
         return model
-    head = ExitHead(model.base.config.hidden_size, model.config.max_steps)
+    head = ExitHead(model.base.config.hidden_size, model.config.max_depth)
     try:
         with safe_open(file, framework="pt") as f:
             trained_at = int(f.metadata()["step"])
@@ -365,8 +365,8 @@ def deepest(a) -> int:
     """--depth, checked against the run (default: its largest training depth), before anything loads."""
     cfg = read_config(a.run)
     depth = a.depth or max(cfg.depths)
-    if not 1 <= depth <= cfg.max_steps or getattr(a, "windows", 1) < 1:
-        raise ValueError(f"--depth {depth} must be in 1..{cfg.max_steps} (the run's step norms), --windows at least 1")
+    if not 1 <= depth <= cfg.max_depth or getattr(a, "windows", 1) < 1:
+        raise ValueError(f"--depth {depth} must be in 1..{cfg.max_depth} (the run's step norms), --windows at least 1")
     return depth
 
 

@@ -28,7 +28,7 @@ FEEDS = ("whole", "chunks", "tokens")
 
 def is_causal(variant, pool):
     """What the variant built with this pool declares: position t reads only positions <= t."""
-    return controller.VARIANTS[variant](8, OuroborosConfig(pool=pool, rank=2, style=4, max_steps=2)).causal
+    return controller.VARIANTS[variant](8, OuroborosConfig(pool=pool, rank=2, style=4, max_depth=2)).causal
 
 
 CAUSAL = [(v, p) for v in controller.VARIANTS for p in POOLS if is_causal(v, p)]
