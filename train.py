@@ -145,6 +145,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     """Processes, device, data, model, optimiser, and the checkpoint to resume."""
     s = SimpleNamespace(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
+    if resume and (was := json.load(open(os.path.join(cfg.out, "config.json"))).get("world_size", 1)) != s.world:
+        raise ValueError(f"--resume: {cfg.out} was trained at world size {was}, not {s.world}: other batches")
     s.device, dtype, s.autocast = placement(cfg.device, cfg.precision)
     if s.device.type == "cuda":
         torch.cuda.set_device(s.device)
@@ -173,7 +175,8 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
           f"{sum(p.numel() for p in s.params.values()):,} trainable parameters" + f"; from step {s.start}" * resume)
     if s.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1).encode())
+        saved = dataclasses.asdict(cfg) | {"world_size": s.world}  # and who drew the batches, for --resume
+        write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(saved, indent=1).encode())
     s.caught = []  # SIGTERM (a cluster's preemption) or SIGINT: the step finishes, saves, and the run exits
 
     def note(signum, frame):

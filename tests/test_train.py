@@ -373,6 +373,13 @@ def test_resume_refuses_steps_it_has_done(setup, whole):
         main(train_args(setup, whole[0], "--resume", "--steps", "6"))
 
 
+def test_resume_refuses_another_number_of_processes(setup, whole, monkeypatch):
+    """Each process draws its own windows of a step: another world size would train on other batches."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=f"--resume: {whole[0]} was trained at world size 1, not 2"):
+        main(train_args(setup, whole[0], "--resume", "--steps", "7"))
+
+
 def test_resume_accepts_more_steps_and_the_free_settings(setup, whole):
     stored = read_config(whole[0])
     cfg, resume, _ = parse(["--out", whole[0], "--resume", "--steps", "9", "--log-interval", "3", "--eval-interval", "9",
