@@ -136,6 +136,7 @@ class Windows:
     def __init__(self, tokens: np.ndarray, seq_len: int, offset: int = 1):
         self.tokens, self.seq_len, self.offset = tokens, seq_len, offset
         self.n = (len(tokens) - offset) // seq_len
+        self.order = functools.lru_cache(maxsize=1)(self.shuffled)  # per instance: the epoch being drawn
         if self.n < 1:
             raise ValueError(f"{len(tokens)} tokens do not fill a window of {seq_len + offset}: lower --seq-len")
 
@@ -155,8 +156,7 @@ class Windows:
         depth = cfg.depths[torch.randint(len(cfg.depths), (), generator=g).item()]
         return [self.order(cfg.seed, i // self.n)[i % self.n] for i in range(first, first + cfg.batch_size)], depth
 
-    @functools.lru_cache(maxsize=1)
-    def order(self, seed: int, epoch: int) -> list:
+    def shuffled(self, seed: int, epoch: int) -> list:
         """The windows of an epoch, shuffled: a permutation per (seed, epoch)."""
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 

@@ -81,10 +81,9 @@ def evaluate(runs, depths, windows, device="auto", precision="auto", out=None) -
         raise ValueError(f"runs in one table must share {', '.join(TABLE)}: evaluate such runs separately")
     if len(names := [(name(c), c.seed) for c in cfgs]) != len(set(names)):
         raise ValueError("two runs of the same variant and seed: a table takes each once")
-    groups = {}  # a variant's runs are its seeds: alike in all else that shapes what they learn
-    for run, c in zip(runs, cfgs):
+    groups, learned = {}, [k for k in SETTINGS if k not in FREE - {"steps"} | {"seed"}]
+    for run, c in zip(runs, cfgs):  # a variant's runs are its seeds: alike in all else that shapes what they learn
         other, want = groups.setdefault(name(c), (run, c))
-        learned = [k for k in SETTINGS if k not in FREE - {"steps"} | {"seed"}]
         if differ := [k for k in learned if getattr(c, k) != getattr(want, k)]:
             raise ValueError(f"{run} and {other} are both {name(c)} but differ in {', '.join(differ)}: the runs of a "
                              "variant must differ in --seed only")

@@ -73,7 +73,8 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         if len(pos) == 1 and pos.is_cpu and not torch.compiler.is_compiling():  # a token, eager, on a CPU:
-            keys, values, mask = self.k[:, :, :int(pos) + 1], self.v[:, :, :int(pos) + 1], None  # the filled part
+            n = int(pos) + 1  # the filled part alone, unmasked: the fused kernels
+            keys, values, mask = self.k[:, :, :n], self.v[:, :, :n], None
         else:  # static shapes (a compiled step, a CUDA graph): the whole cache, masked beyond pos
             keys, values, mask = self.k, self.v, pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)
         off = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext()
