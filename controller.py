@@ -50,6 +50,7 @@ class Controller(nn.Module):
     its own diagonals and none sees the future. pool="mean", the paper's: one diagonal per sequence, from the mean
     over all of it, so that position t sees the tokens after it; a leak kept to be measured.
     """
+    low_rank = True
 
     def __init__(self, dim: int, oc):
         super().__init__()
@@ -73,7 +74,7 @@ class Controller(nn.Module):
 
 class StaticDiagonals(nn.Module):
     """Ablation: a learned table of diagonals, one per (step, target), blind to the input."""
-    causal = True
+    causal = low_rank = True
 
     def __init__(self, dim: int, oc):
         super().__init__()
@@ -85,7 +86,7 @@ class StaticDiagonals(nn.Module):
 
 class NoDiagonals(nn.Module):
     """Ablation: no low-rank term at all; only the gate and the step norms train."""
-    causal = True
+    causal, low_rank = True, False
 
     def __init__(self, dim: int, oc):
         super().__init__()
@@ -95,8 +96,8 @@ class NoDiagonals(nn.Module):
 
 
 # --variant: what emits the diagonals. A new controller is an entry here: a module cls(dim, oc) whose forward(h, step,
-# pos, prefix) returns {target: diagonal} or None, and whose `causal` says that position t reads only positions <= t
-# (decoding through the cache refuses it otherwise).
+# pos, prefix) returns {target: diagonal} or None, whose `causal` says that position t reads only positions <= t
+# (decoding through the cache refuses it otherwise), and whose `low_rank` says whether SVD bases are built for it.
 VARIANTS = {"controller": Controller, "static": StaticDiagonals, "none": NoDiagonals}
 
 

@@ -6,7 +6,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from controller import TARGETS, svd_bases
+from controller import TARGETS, VARIANTS, svd_bases
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")  # converted models, token files
@@ -78,7 +78,7 @@ def load_ouroboros(path: str, oc: OuroborosConfig, dtype=torch.float32, device="
     cfg = config or load_config(path)
     pre, r, post, removed = oc.split(cfg.num_hidden_layers)
     base, read, bases = load_model(path, dtype, device, pre + [r] + post, cfg), open_weights(path), {}
-    for t in TARGETS if oc.variant != "none" else ():  # (--variant none has no low-rank term to build them for)
+    for t in TARGETS if VARIANTS[oc.variant].low_rank else ():
         # The removed layers are read one tensor at a time, never all resident.
         proj = ("self_attn." if t in ("q", "k", "v", "o") else "mlp.") + f"{t}_proj"  # model.projection's names
         w = lambda i: read[f"model.layers.{i}.{proj}.weight"]().to(device=device, dtype=torch.float32)

@@ -288,7 +288,7 @@ def dry_run(cfg: TrainConfig):
     with torch.device("meta"):  # bf16 everywhere keeps about what autocast keeps
         base = Transformer(config, pre + [r] + post)
         shapes = {t: getattr(*projection(base.layers[str(r)], t)).weight.shape for t in TARGETS
-                  if cfg.variant != "none"}  # as load_ouroboros: no bases for no low-rank term
+                  if VARIANTS[cfg.variant].low_rank}  # the bases load_ouroboros would build
         model = Ouroboros(base, cfg, {t: (torch.empty(cfg.rank, i), torch.empty(o, cfg.rank))
                                       for t, (o, i) in shapes.items()}).to(dtype)
     print(f"{config.num_hidden_layers} layers: prelude {pre}, recurrent {r}, coda {post}, {len(removed)} removed")
