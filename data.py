@@ -1,18 +1,9 @@
-"""Data: files -> documents -> a held-out split by document -> token files -> windows. Documents stream through in
-batches tokenised on every core, so memory stays flat however large the corpus; training memmaps the token files.
+"""Data: files -> documents -> a held-out split by document -> token files -> windows. Documents stream through,
+tokenised in batches on every core, so memory stays flat in the corpus's size; training memmaps the token files.
 
     python data.py --model DIR --data corpus/*.parquet --held-out 0.01   # tokenise once, print the splits
 """
-import fcntl
-import functools
-import glob
-import gzip
-import hashlib
-import itertools
-import json
-import os
-import sys
-import sysconfig
+import fcntl, functools, glob, gzip, hashlib, itertools, json, os, sys, sysconfig
 
 import numpy as np
 import torch
@@ -33,15 +24,9 @@ def find_files(sources) -> list:
         stdlib = glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True)
         return sorted(f for f in stdlib if "site-packages" not in f)
     files = []
-    for src in sources:
-        if os.path.isdir(src):
-            found = []
-            for top, dirs, names in os.walk(src):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # as a glob would: no .git, no .venv
-                found += [os.path.join(top, n) for n in names if not n.startswith(".")]
-            found.sort()
-        else:
-            found = [src] if os.path.isfile(src) else sorted(glob.glob(src, recursive=True))
+    for src in sources:  # a folder's files are found as a glob finds them: no hidden ones (.git, .venv)
+        pattern = os.path.join(glob.escape(src), "**") if os.path.isdir(src) else src
+        found = [src] if os.path.isfile(src) else sorted(filter(os.path.isfile, glob.glob(pattern, recursive=True)))
         if not found:
             raise FileNotFoundError(f"--data {src!r} matches no files")
         files += [f for f in found if f.endswith(TEXT + (".jsonl", ".jsonl.gz", ".parquet")) or f == src]
@@ -74,18 +59,18 @@ def documents(files, text_field: str = "text"):
 
 
 def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_field: str) -> dict:
-    """Stream the documents that are not blank into the two token files, EOS after each, ~1M characters at a time
-    (work for every core of encode_batch); the manifest last, so that a killed run never reads as done."""
+    """Documents that are not blank -> the two token files, EOS after each, ~1M characters per encode_batch (work for
+    every core); the manifest last, so that a killed run never reads as done."""
     dtype = "uint16" if max(tokenizer.get_vocab_size(), eos + 1) <= 2**16 else "uint32"
     docs, tokens, batch, size = [0, 0], [0, 0], [], 0
     outs = [open(os.path.join(folder, f"{s}.bin"), "wb") for s in SIDES]
-    for text in itertools.chain(documents(files, text_field), [None]):  # None: the end, the last batch's turn
+    for text in itertools.chain(documents(files, text_field), [None]):  # None: the end, the last batch
         if text and text.strip():
             batch, size = batch + [text], size + len(text)
         if batch and (text is None or size >= 1 << 20):
             ids = ([], [])
             for doc, enc in zip(batch, tokenizer.encode_batch(batch, add_special_tokens=False)):
-                # By the text alone: the same split on every machine, stable as the corpus grows, copies together.
+                # By the text alone: the same split on every machine, and copies land together.
                 side = int(hashlib.sha1(doc.encode()).hexdigest()[:8], 16) < held_out * 2**32
                 ids[side].extend(enc.ids + [eos])
                 docs[side] += 1
@@ -96,19 +81,24 @@ def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_fiel
     for out in outs:
         out.close()
     if not all(docs):
-        raise ValueError(f"{sum(docs)} documents cannot be split at --held-out {held_out}: give more documents")
+        raise ValueError(f"{sum(docs)} documents do not split at --held-out {held_out}: give more documents")
     manifest = {"dtype": dtype} | {s: {"documents": d, "tokens": t} for s, d, t in zip(SIDES, docs, tokens)}
-    file = os.path.join(folder, "manifest.json")
-    with open(file + ".tmp", "w") as f:
-        json.dump(manifest, f)
-    os.replace(file + ".tmp", file)
+    write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest).encode())
     print(f"tokenised {sum(docs):,} documents ({docs[1]:,} held out), {sum(tokens):,} tokens", file=sys.stderr)
     return manifest
 
 
+def write_atomic(file: str, data: bytes):  # a temporary file, synced, renamed over `file`
+    with open(file + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(file + ".tmp", file)
+
+
 def load_splits(cfg, cache: str | None = None) -> list:
-    """The (train, held_out) token streams of cfg's --data, --held-out and --model's tokenizer, as memmaps: from the
-    cache, keyed by the files (path, size, mtime), the split and tokenizer.json, or prepared now."""
+    """(train, held_out) token memmaps of cfg's --data, --held-out and --model's tokenizer: cached, keyed by the files
+    (path, size, mtime), the split and tokenizer.json."""
     files, eos = find_files(cfg.data), load_config(cfg.model).eos_token_id
     if eos is None:
         raise ValueError(f"{cfg.model}/config.json has no eos_token_id to end documents with")
@@ -129,9 +119,8 @@ def load_splits(cfg, cache: str | None = None) -> list:
 
 
 class Windows:
-    """Windows of seq_len + offset tokens at stride seq_len: inputs w[:seq_len], labels w[offset:], offset 1 the
-    next token. The labels are shifted here, once: the loss must not shift them again (the authors' code did, and
-    trained on token t+2; --label-offset 2 does that on purpose)."""
+    """Windows of seq_len + offset tokens at stride seq_len: inputs w[:seq_len], labels w[offset:]. The labels are
+    shifted here, once: the loss must not shift them again (the authors' code did, and trained on token t+2)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, offset: int = 1):
         self.tokens, self.seq_len, self.offset = tokens, seq_len, offset
@@ -141,7 +130,7 @@ class Windows:
             raise ValueError(f"{len(tokens)} tokens do not fill a window of {seq_len + offset}: lower --seq-len")
 
     def batch(self, indices, device="cpu", offsets=None):
-        """(inputs, labels) [B, seq_len] of the windows; with offsets, the labels of each offset."""
+        """(inputs, labels) [B, seq_len]; with offsets, the labels of each offset."""
         L = self.seq_len
         w = torch.from_numpy(np.stack([self.tokens[i * L:(i + 1) * L + self.offset] for i in indices]).astype(np.int64))
         pinned = w.pin_memory() if torch.device(device).type == "cuda" else w  # the copy does not wait for the GPU
@@ -149,24 +138,24 @@ class Windows:
         return w[:, :L], (w[:, self.offset:] if offsets is None else [w[:, k:k + L] for k in offsets])
 
     def draw(self, cfg, step: int, micro: int, rank: int = 0, world: int = 1):
-        """(window indices, depth) of micro-batch `micro` of optimiser step `step` on process `rank`: a function of
-        (seed, step, micro) alone, so that a resumed run sees exactly the batches it would have."""
+        """(window indices, depth) of a micro-batch: a function of (seed, step, micro, rank) alone, so that a resumed
+        run sees exactly the batches it would have."""
         first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
         depth = cfg.depths[torch.randint(len(cfg.depths), (), generator=g).item()]
         return [self.order(cfg.seed, i // self.n)[i % self.n] for i in range(first, first + cfg.batch_size)], depth
 
     def shuffled(self, seed: int, epoch: int) -> list:
-        """The windows of an epoch, shuffled: a permutation per (seed, epoch)."""
+        """A permutation of the windows per (seed, epoch)."""
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
     def spread(self, count: int) -> list:
-        """`count` fixed windows spread over the whole stream: an evaluation set."""
+        """`count` fixed windows spread over the stream: an evaluation set."""
         return np.linspace(0, self.n - 1, min(count, self.n)).astype(int).tolist()
 
 
 def main(argv=None):
-    from train import parse  # train.py's flags: --model, --data, --held-out and --text-field are declared once
+    from train import parse  # train.py declares --model, --data, --held-out and --text-field
     for side, tokens in zip(SIDES, load_splits(parse(argv, __doc__)[0])):
         print(f"{side:<9}{len(tokens):>14,} tokens  {tokens.filename}")
 

@@ -1,7 +1,5 @@
-"""An HF-format folder (config.json, safetensors, tokenizer.json) -> the decoder, or Ouroboros. Local files only."""
-import functools
-import json
-import os
+"""An HF-format folder (config.json, safetensors, tokenizer.json) -> the decoder, or Ouroboros."""
+import functools, json, os
 
 import torch
 from safetensors import safe_open
@@ -10,19 +8,19 @@ from controller import TARGETS, VARIANTS, svd_bases
 from model import Ouroboros, OuroborosConfig, Qwen2Config, Transformer
 
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")  # converted models, token files
-DEFAULT_MODEL = os.path.join(CACHE, "SmolLM2-135M-Instruct")  # setup.sh converts the GGUF of its PyPI wheel
+DEFAULT_MODEL = os.path.join(CACHE, "SmolLM2-135M-Instruct")  # setup.sh makes it
 
 
 def load_config(path: str) -> Qwen2Config:
-    """config.json -> Qwen2Config; a model this decoder would compute differently is refused."""
+    """config.json -> Qwen2Config, refusing what this decoder would compute differently."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} not found: --model takes an HF-format model folder"
-                                + (" (bash setup.sh sets up this default one)" if path == DEFAULT_MODEL else ""))
+        raise FileNotFoundError(f"{file} not found: --model takes an HF-format folder"
+                                + (" (bash setup.sh makes this one)" if path == DEFAULT_MODEL else ""))
     with open(file) as f:
         c = json.load(f)
     kind, layers = c.get("model_type"), c["num_hidden_layers"]
-    ropes = [r for r in (c.get("rope_parameters"), c.get("rope_scaling")) if r]  # transformers 5 / before it
+    ropes = [r for r in (c.get("rope_parameters"), c.get("rope_scaling")) if r]  # transformers 5 / 4
     window = c.get("sliding_window") or 0
     unsupported = [
         (kind not in ("qwen2", "llama"), f"model_type {kind!r} (only qwen2 and llama)"),
@@ -32,7 +30,7 @@ def load_config(path: str) -> Qwen2Config:
         (kind == "qwen2" and c.get("use_sliding_window", False) and window < c.get("max_position_embeddings", 32768)
          and (c.get("max_window_layers") or 0) < layers, "sliding-window attention in use")]
     if refused := [what for bad, what in unsupported if bad]:
-        raise ValueError(f"{file}: {', '.join(refused)}: not supported, this decoder would compute another function")
+        raise ValueError(f"{file}: {', '.join(refused)}: not supported")
     heads, llama_bias = c["num_attention_heads"], kind == "llama" and c.get("attention_bias", False)
     theta = next((r["rope_theta"] for r in ropes if "rope_theta" in r), c.get("rope_theta") or 10000.0)
     return Qwen2Config(
@@ -45,7 +43,7 @@ def load_config(path: str) -> Qwen2Config:
 
 
 def open_weights(path: str) -> dict:
-    """{HF tensor name: a function that reads it}, from model.safetensors or a sharded index."""
+    """{HF tensor name: a function that reads it}, from model.safetensors or its shards."""
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         with open(index) as f:
@@ -60,12 +58,12 @@ def open_weights(path: str) -> dict:
 
 
 def load_model(path: str, dtype=torch.float32, device="cpu", layers=None, config=None) -> Transformer:
-    """The frozen decoder of a folder; `layers`: only those are read and kept."""
+    """The frozen decoder of a folder, only `layers` read and kept."""
     cfg, read = config or load_config(path), open_weights(path)
-    with torch.device("meta"):  # no memory until the real tensors are assigned
+    with torch.device("meta"):  # no memory until the tensors are assigned
         model = Transformer(cfg, None if layers is None else sorted(layers))
     hf = lambda n: n if n.startswith("lm_head.") else "model." + n  # HF's names are ours with a prefix
-    state = {n: read[hf(n)]().to(device=device, dtype=dtype) for n, _ in model.named_parameters()}  # tied: once
+    state = {n: read[hf(n)]().to(device=device, dtype=dtype) for n, _ in model.named_parameters()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:  # assign=True replaced the shared parameter: tie again
         model.lm_head.weight = model.embed_tokens.weight
@@ -73,14 +71,13 @@ def load_model(path: str, dtype=torch.float32, device="cpu", layers=None, config
 
 
 def load_ouroboros(path: str, oc: OuroborosConfig, dtype=torch.float32, device="cpu", config=None) -> Ouroboros:
-    """The kept layers of the folder (only they stay resident) and, for every target projection t, the SVD bases
-    of R_t = mean over removed layers i of (W_t[i] - W_t[recurrent])."""
+    """The kept layers and, for every target projection t, the SVD bases of the mean residual
+    R_t = mean over removed layers i of (W_t[i] - W_t[recurrent])."""
     cfg = config or load_config(path)
     pre, r, post, removed = oc.split(cfg.num_hidden_layers)
     base, read, bases = load_model(path, dtype, device, pre + [r] + post, cfg), open_weights(path), {}
     for t in TARGETS if VARIANTS[oc.variant].low_rank else ():
-        # The removed layers are read one tensor at a time, never all resident.
-        proj = ("self_attn." if t in ("q", "k", "v", "o") else "mlp.") + f"{t}_proj"  # model.projection's names
+        proj = ("self_attn." if t in ("q", "k", "v", "o") else "mlp.") + f"{t}_proj"  # read a tensor at a time
         w = lambda i: read[f"model.layers.{i}.{proj}.weight"]().to(device=device, dtype=torch.float32)
         residual = sum(w(i) for i in removed) / len(removed) - w(r)
         bases[t] = tuple(m.to(dtype) for m in svd_bases(residual, oc.rank))

@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # normalise in fp32 (bf16 squares lose too much), cast back, then scale, as HF does
+    def forward(self, x):  # in fp32 (bf16 squares lose too much), cast back, then scale, as HF does
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -61,7 +61,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """One attention's K/V at every position, preallocated (gpt-fast): a compiled step can replay as a CUDA graph."""
+    """One attention's K/V at every position, preallocated (gpt-fast) so that a compiled step can be a CUDA graph."""
 
     def __init__(self, batch: int, cfg: Qwen2Config, max_len: int, dtype, device):
         super().__init__()
@@ -72,19 +72,19 @@ class KVCache(nn.Module):
     def attend(self, pos, q, k, v):
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        if len(pos) == 1 and pos.is_cpu and not torch.compiler.is_compiling():  # a token, eager, on a CPU:
-            n = int(pos) + 1  # the filled part alone, unmasked: the fused kernels
+        if len(pos) == 1 and pos.is_cpu and not torch.compiler.is_compiling():  # one token, eager, on a CPU:
+            n = int(pos) + 1  # the filled part, unmasked (the fused kernels)
             keys, values, mask = self.k[:, :, :n], self.v[:, :, :n], None
-        else:  # static shapes (a compiled step, a CUDA graph): the whole cache, masked beyond pos
+        else:  # static shapes (compiled, CUDA graphs): the whole cache, masked beyond pos
             keys, values, mask = self.k, self.v, pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)
         off = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext()
-        with off:  # a CPU's cache is fp32: attend in it, not in bf16 (and enter no context when off already)
+        with off:  # a CPU's cache is fp32: attend in fp32
             y = F.scaled_dot_product_attention(q.to(self.k.dtype), keys, values, attn_mask=mask,
                                                enable_gqa=q.shape[1] != self.k.shape[1])
         return y.to(q.dtype)
 
 
-def project(linear: nn.Module, x, diag, name: str):  # with Ouroboros' diagonals, SVDLoRA adds its term (Part 2)
+def project(linear: nn.Module, x, diag, name: str):  # given diagonals, an SVDLoRA adds its term (Part 2)
     return linear(x) if diag is None else linear(x, diag[name])
 
 
@@ -101,11 +101,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, pos=None, diag=None):
         B, T, _ = x.shape
-        heads = lambda y: y.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, T, n * hd] -> [B, n, T, hd]
+        heads = lambda y: y.view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, T, n hd] -> [B, n, T, hd]
         q = apply_rope(heads(project(self.q_proj, x, diag, "q")), *rope)
         k = apply_rope(heads(project(self.k_proj, x, diag, "k")), *rope)
         v = heads(project(self.v_proj, x, diag, "v"))
-        if pos is None:  # the causal mask is asked for, never left to a backend's default
+        if pos is None:  # causal, asked for (the authors' code passed no mask)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         else:  # decoding, through the cache
             y = self.kv_cache.attend(pos, q, k, v)
@@ -139,7 +139,7 @@ class DecoderLayer(nn.Module):
 
 
 def projection(layer: DecoderLayer, target: str) -> tuple:
-    """(parent module, attribute name) of a layer's projection `target`, one of controller.TARGETS."""
+    """(parent module, attribute name) of a layer's projection `target` (controller.TARGETS)."""
     return (layer.self_attn if target in ("q", "k", "v", "o") else layer.mlp), f"{target}_proj"
 
 
@@ -150,7 +150,7 @@ def through(layers, x, rope, pos=None):
 
 
 class Transformer(nn.Module):
-    """The pretrained decoder with the layers `layers` (default: all), keyed by their index in the checkpoint."""
+    """The pretrained decoder with the layers `layers` (default: all), keyed by their index."""
 
     def __init__(self, cfg: Qwen2Config, layers=None):
         super().__init__()
@@ -168,7 +168,7 @@ class Transformer(nn.Module):
         return x, rope(self.config, torch.arange(ids.shape[1], device=ids.device) if pos is None else pos, x.dtype)
 
     def forward(self, ids, labels=None, pos=None):
-        """ids [B, T] -> logits [B, T, vocab]; with labels (labels[t]: the token after ids[t]) -> the mean loss."""
+        """ids [B, T] -> logits [B, T, vocab]; with labels (labels[t] follows ids[t]) -> the mean loss."""
         x, rope = self.embed(ids, pos)
         return self.head(through(self.layers.values(), x, rope, pos), labels)
 
@@ -177,16 +177,15 @@ class Transformer(nn.Module):
         return self.lm_head(x) if labels is None else lm_loss(x, self.lm_head.weight, labels)
 
     def setup_caches(self, batch: int, max_len: int):
-        w = self.embed_tokens.weight  # K/V in the weights' dtype; fp32 on a CPU, where bf16 attention was ~5x slower
+        w = self.embed_tokens.weight  # K/V in the weights' dtype; fp32 on a CPU, where bf16 attention is slow
         dtype = torch.float32 if w.device.type == "cpu" else w.dtype
         for layer in self.layers.values():
             layer.self_attn.kv_cache = KVCache(batch, self.config, max_len, dtype, w.device)
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
-    """Mean cross-entropy of h @ W^T against labels, a chunk of tokens at a time: the [tokens, vocab] logits are
-    never held (2.5 GB in fp32 at 2 x 2048 x 151,936, as much again for their gradient). W is frozen, so the gradient
-    for h, (softmax - onehot) W / n, is computed chunk by chunk in the forward pass."""
+    """Mean cross-entropy of h @ W^T against labels, a chunk of tokens at a time: the [tokens, vocab] logits are never
+    held. W is frozen, so h's gradient, (softmax - onehot) W / n, is computed chunk by chunk in the forward pass."""
 
     @staticmethod
     def forward(ctx, h, weight, labels, chunk):
@@ -197,10 +196,10 @@ class _ChunkedLMLoss(torch.autograd.Function):
             logits, yc = (h2[i:i + chunk] @ weight.t()).float(), y[i:i + chunk]
             top = logits.amax(-1, keepdim=True)
             target = logits.gather(1, yc[:, None]) - top
-            p = logits.sub_(top).exp_()  # the unnormalised softmax, in place: one [chunk, vocab] buffer
+            p = logits.sub_(top).exp_()  # the unnormalised softmax, in place
             z = p.sum(-1, keepdim=True)
             total += (z.log() - target).sum()  # -log softmax[y] = log z - (logit_y - top)
-            if grad is not None:  # (softmax - onehot) W = ((p - z onehot) W) / z, in fp32 before any bf16 cast
+            if grad is not None:  # (softmax - onehot) W = ((p - z onehot) W) / z
                 p[torch.arange(len(yc), device=p.device), yc] -= z.squeeze(1)
                 grad[i:i + chunk] = ((p.to(weight.dtype) @ weight).float() * (1 / z)).to(h.dtype)
         if grad is not None:
@@ -213,9 +212,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
 
 def lm_loss(h, weight, labels, chunk: int = 1024):
-    """The next-token loss of final hidden states h [B, T, d]: labels are NOT shifted again here."""
+    """The loss of final hidden states h [B, T, d]: labels are NOT shifted again here."""
     if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("lm_loss computes no gradient for the head: freeze it, or use F.cross_entropy on the logits")
+        raise ValueError("lm_loss computes no gradient for the head: use F.cross_entropy on the logits")
     return _ChunkedLMLoss.apply(h, weight, labels, chunk)
 
 
@@ -230,23 +229,22 @@ class OuroborosConfig:
     alpha: float = 16.0  # the low-rank term's scale is alpha / r
     variant: str = "controller"  # what emits the diagonals: a key of controller.VARIANTS
     gate: bool = True  # mix each step into the state through the gate (False: h = h_new)
-    pool: Literal["causal", "mean"] = "causal"  # the controller reads the prefix mean, or the paper's (all tokens)
+    pool: Literal["causal", "mean"] = "causal"  # the controller reads the prefix mean, or the paper's whole mean
     style: int = 128  # the controller's width s
-    max_depth: int = 64  # the most recurrent steps: one step embedding and one step-norm row each
+    max_depth: int = 64  # the most recurrent steps (a step embedding and a step-norm row each)
 
     def split(self, n_layers: int):
         """(prelude, recurrent, coda, removed) layer indices for a model of n_layers."""
         P, R, C = self.prelude, self.recurrent, self.coda
         if not (0 <= P <= R < n_layers - C and C >= 0) or P + C + 1 == n_layers:
-            raise ValueError(f"--prelude {P} --recurrent {R} --coda {C} does not fit {n_layers} layers: the recurrent "
-                             f"layer must lie between prelude and coda, and a layer must be removed")
+            raise ValueError(f"--prelude {P} --recurrent {R} --coda {C} does not fit {n_layers} layers (recurrent "
+                             f"between them, a layer removed)")
         return list(range(P)), R, list(range(n_layers - C, n_layers)), [i for i in range(P, n_layers - C) if i != R]
 
 
 class Ouroboros(nn.Module):
     """embed -> prelude -> [controller -> modulated recurrent layer -> step norm -> gate] x depth -> coda -> head.
-
-    Only the controller, the gate and the step norms train (in fp32); with a bf16 base, run under torch.autocast."""
+    Only the controller, the gate and the step norms train (in fp32); with a bf16 base, run under autocast."""
 
     def __init__(self, base: Transformer, oc: OuroborosConfig, bases: dict):
         super().__init__()
@@ -254,22 +252,22 @@ class Ouroboros(nn.Module):
         pre, r, post, _ = oc.split(base.config.num_hidden_layers)
         self.prelude, self.coda = [base.layers[str(i)] for i in pre], [base.layers[str(i)] for i in post]
         self.recurrent = base.layers[str(r)]
-        for t, (A, B) in bases.items():  # the frozen projections, wrapped in place: W x + b + (alpha/r) B (c * A x)
+        for t, (A, B) in bases.items():  # wrapped in place: W x + b + (alpha/r) B (c * A x)
             parent, name = projection(self.recurrent, t)
             setattr(parent, name, SVDLoRA(getattr(parent, name), A, B, oc.alpha))
         d = base.config.hidden_size
-        with torch.device(base.embed_tokens.weight.device):  # fp32 whatever the base: bf16 AdamW updates round away
+        with torch.device(base.embed_tokens.weight.device):  # fp32: bf16 AdamW updates round away
             self.controller = VARIANTS[oc.variant](d, oc)
             self.step_norm = StepNorm(d, oc.max_depth)
             self.gate = Gate(d) if oc.gate else None
-        self.checkpoint_steps = False  # recompute each step in backward: activation memory flat in depth
-        self.step_caches = None  # decoding (setup_caches); sums is a buffer so that a CUDA graph can update it
+        self.checkpoint_steps = False  # recompute each step in backward: memory flat in depth
+        self.step_caches = None  # decoding (setup_caches); sums, a buffer that a CUDA graph can update
         self.register_buffer("sums", None, persistent=False)
 
     def step(self, h, k: int, rope, pos=None):
         """Recurrent step k: h_old -> h."""
         at, prefix = torch.arange(h.shape[1], device=h.device), 0.0
-        if pos is not None:  # decoding: step k attends to its own K/V (as in Huginn) and continues its prefix sum
+        if pos is not None:  # decoding: step k attends to its own K/V (as Huginn) and continues its prefix sum
             self.recurrent.self_attn.kv_cache = self.step_caches[k]
             at, prefix = pos, self.sums[k].clone()
             self.sums[k] += h.float().sum(1, keepdim=True)
@@ -278,16 +276,15 @@ class Ouroboros(nn.Module):
         return self.gate(h_new, h) if self.gate is not None else h_new  # h = g h_new + (1 - g) h_old
 
     def forward(self, ids, depth: int, labels=None, pos=None, every: bool = False):
-        """Logits [B, T, V] after `depth` steps, or with labels (aligned with ids) the mean loss. every: the mean of
-        the losses after each step 1..depth, so that stopping after any step is trained (extras/exits.py)."""
+        """Logits [B, T, V] after `depth` steps, or with labels the mean loss; every: the mean of the losses after each
+        step (so that any step can be the last: extras/exits.py)."""
         states = self.readout(ids, range(1, depth + 1) if every else [depth], pos)
         if labels is None:
             return self.base.head(states[depth])
         return sum(self.base.head(h, labels) for h in states.values()) / len(states)
 
     def readout(self, ids, depths, pos=None) -> dict:
-        """{depth: the coda's output after that many steps} for each depth asked for, from one run of the loop.
-        base.head(h) makes logits of one."""
+        """{depth: the coda's output after that many steps} for each of depths, from one run of the loop."""
         if bad := [d for d in depths if not 1 <= d <= self.config.max_depth]:
             raise ValueError(f"depth {bad[0]} must be in 1..{self.config.max_depth} (max_depth)")
         saving = self.checkpoint_steps and torch.is_grad_enabled()
@@ -296,12 +293,12 @@ class Ouroboros(nn.Module):
         x, out = through(self.prelude, x, rope, pos), {}
         for k in range(max(depths)):
             x = run(saving, self.step, x, k, rope, pos)
-            if k + 1 in depths:  # with several readouts (every), each coda is recomputed in backward too
+            if k + 1 in depths:  # several readouts (every): each coda recomputed in backward too
                 out[k + 1] = run(saving and len(depths) > 1, through, self.coda, x, rope, pos)
         return out
 
     def pruned(self, ids, labels=None, pos=None):
-        """The baseline: prelude -> the recurrent layer once, unmodulated -> coda (decoded as depth 1)."""
+        """The baseline: prelude -> the recurrent layer once, bare -> coda (decoded as depth 1)."""
         x, rope = self.base.embed(ids, pos)
         if pos is not None:
             self.recurrent.self_attn.kv_cache = self.step_caches[0]
@@ -312,32 +309,16 @@ class Ouroboros(nn.Module):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}  # controller, gate, step norms
 
     def optimizer(self, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
-        """AdamW over what trains, decaying its matrices only: not biases, nor the step norms' weights."""
+        """AdamW over what trains, decaying matrices only (not biases, nor the step norms)."""
         decay = {p: p.dim() >= 2 and p is not self.step_norm.weight for p in self.trainable().values()}
         groups = [[p for p, d in decay.items() if d == want] for want in (True, False)]
         return torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}], lr=lr,
                                  betas=betas, weight_decay=weight_decay)
 
-    def kept_bytes(self, batch: int, seq_len: int, depth: int, checkpointed: bool, every: bool = False) -> int:
-        """The bytes autograd keeps for backward in a training step (train.py --dry-run, on the meta device): each
-        storage once, not the weights, nor attention's [T, T] scores (fused kernels keep none)."""
-        weights, kept = {id(p.untyped_storage()) for p in self.parameters()}, {}
-
-        def keep(t):
-            if id(s := t.untyped_storage()) not in weights and tuple(t.shape[-2:]) != (seq_len, seq_len):
-                kept[id(s)] = s.nbytes()
-            return t
-        was, self.checkpoint_steps = self.checkpoint_steps, checkpointed
-        ids = torch.zeros(batch, seq_len, dtype=torch.long, device=self.base.embed_tokens.weight.device)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            self(ids, depth, labels=ids, every=every).backward()
-        self.checkpoint_steps = was
-        return sum(kept.values())
-
     def setup_caches(self, batch: int, max_len: int, depth: int):
-        """The decoding state: a KVCache per layer and per recurrent step, the controller's running sums (fp32)."""
+        """The decoding state: a KVCache per layer and per step, and the controller's running sums."""
         self.base.setup_caches(batch, max_len)
         k, cfg = self.recurrent.self_attn.kv_cache.k, self.base.config
         self.step_caches = nn.ModuleList(KVCache(batch, cfg, max_len, k.dtype, k.device) for _ in range(depth))
-        self.recurrent.self_attn.kv_cache = None  # freed: each step attends over its own, set as the loop runs
+        self.recurrent.self_attn.kv_cache = None  # freed: each step has its own
         self.sums = torch.zeros(depth, batch, 1, cfg.hidden_size, device=k.device)

@@ -1,71 +1,60 @@
 """Train Ouroboros: the controller, gate and step norms over a frozen, pruned decoder.
 
-    python train.py                          # the offline default: SmolLM2-135M on the Python docs
-    python train.py --model DIR --prelude 8 --recurrent 18 --coda 8 --depths 4,8,16 --seq-len 2048 ...
-    python train.py --model DIR --dry-run    # the split, what trains and the memory; loads no weights
-    torchrun --nproc_per_node 8 train.py     # DistributedDataParallel
+    python train.py                        # the offline default: SmolLM2-135M on the Python docs
+    python train.py --model DIR --data DIR --prelude 8 --recurrent 18 --coda 8 --depths 4,8,16 ...
+    torchrun --nproc_per_node 8 train.py   # DistributedDataParallel
 """
-import argparse
-import dataclasses
-import inspect
-import json
-import math
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
+import argparse, dataclasses, inspect, json, math, os, re, signal, subprocess, sys, time
 from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from controller import TARGETS, VARIANTS
-from data import Windows, load_splits
+from controller import VARIANTS
+from data import Windows, load_splits, write_atomic
 from load_qwen import DEFAULT_MODEL, load_config, load_ouroboros
-from model import Ouroboros, OuroborosConfig, Transformer, projection
+from model import Ouroboros, OuroborosConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclasses.dataclass
 class TrainConfig(OuroborosConfig):  # the model's settings and training's: a flag each, its help the comment
-    model: str = DEFAULT_MODEL   # an HF-format Qwen2 / Llama folder (setup.sh converts this default)
+    model: str = DEFAULT_MODEL  # an HF-format Qwen2 / Llama folder
     data: list[str] = dataclasses.field(default_factory=list)  # files, folders, globs (default: the Python docs)
-    text_field: str = "text"     # the .jsonl field or parquet column that holds the text
-    held_out: float = 0.05       # the fraction of documents held out
-    seq_len: int = 256           # tokens per window
+    text_field: str = "text"  # the .jsonl field or parquet column of the text
+    held_out: float = 0.05  # the fraction of documents held out
+    seq_len: int = 256  # tokens per window
     depths: list[int] = dataclasses.field(default_factory=lambda: [4, 8])  # comma-separated; one drawn per batch
     readout: Literal["last", "every"] = "last"  # the loss after the last step, or the mean over every step's
-    label_offset: int = 1        # predict token t + this; 2 is the authors' double-shift objective
-    batch_size: int = 8          # sequences per micro-batch, per process
-    grad_accum: int = 1          # micro-batches per optimiser step
-    lr: float = 3e-3             # the peak learning rate (paper: 3e-4 over 300K steps)
-    min_lr_ratio: float = 0.1    # the cosine decays to lr x this
-    warmup: int = -1             # linear warmup steps (-1: min(10, steps // 8))
-    weight_decay: float = 0.01   # AdamW's, on matrices (not on norms or biases)
-    beta2: float = 0.95          # AdamW's beta2
-    clip: float = 1.0            # the gradient-norm clip
-    seed: int = 0                # seeds the data order, the depths and the initialisation
-    # From here on, how a run runs, not what it learns: --resume may change these (--device, --precision, --tf32
-    # and --compile change the last bits).
-    steps: int = 80              # optimiser steps
-    out: str = ""                # the run folder (default: runs/<variant>-s<seed>)
-    log_interval: int = 5        # steps between log lines
-    eval_interval: int = 20      # steps between held-out losses
-    eval_windows: int = 16       # held-out windows in that loss
-    save_interval: int = 20      # steps between checkpoints (also at the end and on a signal)
-    device: str = "auto"         # auto (cuda:LOCAL_RANK, mps, cpu) or a torch device
+    label_offset: int = 1  # predict token t + this (2: the authors' double shift)
+    batch_size: int = 8  # sequences per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-3  # the peak learning rate (paper: 3e-4 over 300K steps)
+    min_lr_ratio: float = 0.1  # the cosine decays to lr x this
+    warmup: int = -1  # linear warmup steps (-1: min(10, steps // 8))
+    weight_decay: float = 0.01  # AdamW's, on matrices
+    beta2: float = 0.95  # AdamW's beta2
+    clip: float = 1.0  # the gradient-norm clip
+    seed: int = 0  # seeds the data order, the depths and the initialisation
+    # From here on, how a run runs, not what it learns: --resume may change these.
+    steps: int = 80  # optimiser steps
+    out: str = ""  # the run folder (default: runs/<variant>-s<seed>)
+    log_interval: int = 5  # steps between log lines
+    eval_interval: int = 20  # steps between held-out losses
+    eval_windows: int = 16  # held-out windows in that loss
+    save_interval: int = 20  # steps between checkpoints (also at the end and on a signal)
+    device: str = "auto"  # auto (cuda:LOCAL_RANK, mps, cpu) or a torch device
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a bf16 base under autocast; auto: bf16 on GPUs
-    tf32: bool = False           # let fp32 matmuls on CUDA run in TF32 (otherwise fp32 means fp32)
-    compile: bool = False        # torch.compile the recurrent step
+    tf32: bool = False  # let fp32 matmuls on CUDA run in TF32
+    compile: bool = False  # torch.compile the recurrent step
     checkpoint_steps: bool = False  # recompute each recurrent step in backward: memory flat in depth
-    final_eval: bool = True      # run eval.py on the run when training ends
+    final_eval: bool = True  # run eval.py on the run when training ends
 
 
 SETTINGS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}  # {name: type}, in order
@@ -73,16 +62,15 @@ FREE = set(list(SETTINGS)[list(SETTINGS).index("steps"):])  # what --resume may 
 
 
 def parse(argv=None, description=__doc__):
-    """(TrainConfig, --resume, --dry-run) of a command line. A resumed run keeps its config.json's settings."""
+    """(TrainConfig, --resume) of a command line; a resumed run keeps its config.json's settings."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # `given` holds only the flags given
     source = inspect.getsource(OuroborosConfig) + inspect.getsource(TrainConfig)
-    helps, defaults = dict(re.findall(r"^ +(\w+): .*?# (.*)$", source, re.M)), TrainConfig()
+    helps = dict(re.findall(r"^ +(\w+): .*?# (.*)$", source, re.M))
     for key, kind in SETTINGS.items():
-        flag, default, help = "--" + key.replace("_", "-"), getattr(defaults, key), helps[key]
+        flag, default, help = "--" + key.replace("_", "-"), getattr(TrainConfig(), key), helps[key]
         if isinstance(default, bool):
-            p.add_argument("--no-" + flag[2:] if default else flag, dest=key, action=f"store_{not default}".lower(),
-                           help=help)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         elif key == "data":
             p.add_argument(flag, nargs="*", help=help)
         elif key == "depths":
@@ -90,10 +78,9 @@ def parse(argv=None, description=__doc__):
         else:  # a choice of a Literal, or of VARIANTS
             choices = list(VARIANTS) if key == "variant" else get_args(kind) or None
             p.add_argument(flag, type=type(default), choices=choices, help=f"{help} (default {default})")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="print the split, what trains and the memory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
     given = vars(p.parse_args(argv))
-    resume, dry_run = given.pop("resume", False), given.pop("dry_run", False)
+    resume = given.pop("resume", False)
     given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}  # a run works from anywhere
     given |= {"data": [os.path.abspath(d) for d in given["data"]]} if "data" in given else {}
     cfg = TrainConfig(**given)
@@ -110,32 +97,32 @@ def parse(argv=None, description=__doc__):
            (not 0 < cfg.held_out < 1, "--held-out must lie between 0 and 1"),
            (min(cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.rank, cfg.style, cfg.label_offset,
                 cfg.log_interval, cfg.eval_interval, cfg.eval_windows, cfg.save_interval) < 1,
-            "counts and intervals (--seq-len, --steps, --rank, --save-interval, ...) must be at least 1"),
+            "counts and intervals (--seq-len, --steps, --rank, ...) must be at least 1"),
            (not 0 <= cfg.warmup < cfg.steps, f"--warmup {cfg.warmup} must be below --steps {cfg.steps}"),
            (not (cfg.lr > 0 and cfg.clip > 0), "--lr and --clip must be positive")]
-    if found := [what for wrong, what in bad if wrong]:  # the common mistakes, in one line before anything loads
+    if found := [what for wrong, what in bad if wrong]:
         raise ValueError("; ".join(found))
-    return cfg, resume, dry_run
+    return cfg, resume
 
 
-def read_config(run: str) -> TrainConfig:  # a setting the run lacks (one added since) takes its default
+def read_config(run: str) -> TrainConfig:  # a setting added since the run takes its default
     with open(os.path.join(run, "config.json")) as f:
         return TrainConfig(**{k: v for k, v in json.load(f).items() if k in SETTINGS})
 
 
 def placement(device: str, precision: str):
-    """(device, base dtype, autocast). bf16: a bf16 base under bf16 autocast, fp32 trainable masters."""
+    """(device, the base's dtype, autocast); in bf16 what trains stays fp32."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     where = torch.device(device)
-    if where.type == "cuda" and where.index is None:  # set_device and DDP need an index: this process's GPU
+    if where.type == "cuda" and where.index is None:  # this process's GPU
         where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     half = precision == "bf16" or (precision == "auto" and where.type != "cpu")
     return where, torch.bfloat16 if half else torch.float32, torch.autocast(where.type, torch.bfloat16, enabled=half)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr; counted in optimiser steps."""
+    """Linear warmup, then cosine decay to min_lr_ratio * lr, in optimiser steps."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
@@ -146,7 +133,7 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     """Processes, device, data, model, optimiser, and the checkpoint to resume."""
     s = SimpleNamespace(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
     if resume and (was := json.load(open(os.path.join(cfg.out, "config.json"))).get("world_size", 1)) != s.world:
-        raise ValueError(f"--resume: {cfg.out} was trained at world size {was}, not {s.world}: other batches")
+        raise ValueError(f"--resume: {cfg.out} was trained at world size {was}, not {s.world}")
     s.device, dtype, s.autocast = placement(cfg.device, cfg.precision)
     if s.device.type == "cuda":
         torch.cuda.set_device(s.device)
@@ -155,18 +142,17 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     cfg.split(config.num_hidden_layers)
     if cfg.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context ({config.max_position_embeddings})")
-    # The data first: a wrong --data fails in seconds, and no collective times out while one process tokenises.
+    # The data first: a wrong --data fails in seconds, and no collective waits while one process tokenises.
     s.train, s.held = (Windows(t, cfg.seq_len, cfg.label_offset) for t in load_splits(cfg))
     if s.world > 1:
         dist.init_process_group("nccl" if s.device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)  # the controller's initialisation
     s.model = load_ouroboros(cfg.model, cfg, dtype, s.device, config)
     s.model.checkpoint_steps = cfg.checkpoint_steps
-    if cfg.compile:  # the step index turns into a symbolic int after one recompile: two graphs for any depth
+    if cfg.compile:  # after one recompile the step index is symbolic: two graphs for any depth
         s.model.step = torch.compile(s.model.step)
     s.params, s.opt = s.model.trainable(), s.model.optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2))
-    s.net = s.model if s.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+    s.net = s.model if s.world == 1 else DDP(s.model, device_ids=None if s.device.type == "cpu" else [s.device.index])
     s.log = print if s.rank == 0 else lambda *a, **k: None
     s.start = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt) if resume else 0
     if s.start >= cfg.steps:
@@ -175,19 +161,13 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
           f"{sum(p.numel() for p in s.params.values()):,} trainable parameters" + f"; from step {s.start}" * resume)
     if s.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        saved = dataclasses.asdict(cfg) | {"world_size": s.world}  # and who drew the batches, for --resume
+        saved = dataclasses.asdict(cfg) | {"world_size": s.world}  # who drew the batches
         write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(saved, indent=1).encode())
-    s.caught = []  # SIGTERM (a cluster's preemption) or SIGINT: the step finishes, saves, and the run exits
-
-    def note(signum, frame):
-        s.caught.append(signum)
-        signal.signal(signum, handlers[signum])  # a second one acts at once
-    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
     return s
 
 
-def train(cfg: TrainConfig, resume: bool = False):
-    """The loop: learning rate, micro-steps, clip, step, log, eval, save."""
+def train(cfg: TrainConfig, resume: bool, caught: list):
+    """The loop: learning rate, micro-steps, clip, step, log, eval, save; a signal in `caught` saves and stops."""
     s = setup(cfg, resume)
     t0, loss_sum, good, bad, done, stop = time.time(), torch.zeros((), device=s.device), 0, 0, s.start, False
     for step in range(s.start, cfg.steps):
@@ -198,18 +178,18 @@ def train(cfg: TrainConfig, resume: bool = False):
         for micro in range(cfg.grad_accum):
             idx, depth = s.train.draw(cfg, step, micro, s.rank, s.world)
             x, y = s.train.batch(idx, s.device)
-            sync = s.net is s.model or micro == cfg.grad_accum - 1  # DDP: one all-reduce per optimiser step
+            sync = s.net is s.model or micro == cfg.grad_accum - 1  # DDP: all-reduce once per step
             with s.autocast, (nullcontext() if sync else s.net.no_sync()):
                 micro_loss = s.net(x, depth=depth, labels=y, every=cfg.readout == "every")
                 (micro_loss / cfg.grad_accum).backward()
-            loss += micro_loss.detach()  # no .item(): no host-device sync per micro-step
+            loss += micro_loss.detach()  # no .item(): no sync per micro-step
         norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
-        stopping = torch.tensor(len(s.caught) + 0.0, device=s.device)
+        stopping = torch.tensor(len(caught) + 0.0, device=s.device)
         flags = torch.stack([(~torch.isfinite(loss + norm)).float(), stopping])
-        if s.world > 1:  # one sync per step, the same verdicts in every process: skip the update? stop?
+        if s.world > 1:  # the same verdicts in every process: skip the update? stop?
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip, stop = (f > 0 for f in flags.tolist())
-        if skip:  # no update: the weights and AdamW's moments stay as they were; three in a row end the run
+        if skip:  # the weights and AdamW's moments stay as they were; three in a row end the run
             s.log(f"step {done:5d}/{cfg.steps}  update skipped: a non-finite loss or gradient norm")
             if (bad := bad + 1) == 3:
                 raise ValueError(f"steps {done - 2}..{done} were all non-finite: the run diverged; lower --lr")
@@ -222,7 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False):
             if s.world > 1:
                 dist.all_reduce(loss_sum)
             tok_s = (done - s.start) * cfg.batch_size * cfg.grad_accum * s.world * cfg.seq_len / (time.time() - t0)
-            mean = loss_sum.item() / s.world / good / cfg.grad_accum if good else math.nan  # all skipped: nan
+            mean = loss_sum.item() / s.world / good / cfg.grad_accum if good else math.nan
             line, loss_sum, good = f"  loss {mean:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s", loss_sum.zero_(), 0
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             t = "" if cfg.label_offset == 1 else f", token t+{cfg.label_offset}"
@@ -233,11 +213,11 @@ def train(cfg: TrainConfig, resume: bool = False):
             save_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt, done)
         if stop:
             break
-    if s.world > 1:  # leave together: a process that tears down while rank 0 still saves can abort it
+    if s.world > 1:  # leave together: a process torn down while rank 0 saves can abort it
         dist.barrier()
         dist.destroy_process_group()
-    if stop or s.caught:  # a signal to any process, or one during the last save
-        signum = (s.caught or [signal.SIGTERM])[0]
+    if stop or caught:  # a signal to any process, or one during the last save
+        signum = (caught or [signal.SIGTERM])[0]
         s.log(f"stopped by {signal.Signals(signum).name} after step {done}: --resume continues")
         sys.exit(128 + signum)
     s.log(f"trained {done - s.start} steps in {(time.time() - t0) / 60:.1f} min")
@@ -251,14 +231,6 @@ def held_out_loss(s: SimpleNamespace, cfg: TrainConfig) -> float:
         with s.autocast:
             total += s.model(x, depth=max(cfg.depths), labels=y).float().item() * len(x)
     return total / len(idx)
-
-
-def write_atomic(file: str, data: bytes):  # a temporary file, synced to disk, renamed over `file`
-    with open(file + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(file + ".tmp", file)
 
 
 def save_checkpoint(path: str, model: Ouroboros, opt, step: int):  # what trains, and AdamW's moments
@@ -280,33 +252,7 @@ def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:  # -> the ste
     return step
 
 
-def dry_run(cfg: TrainConfig):
-    """The split, what trains and a step's peak memory from config.json alone: the model on the meta device, where
-    Ouroboros.kept_bytes counts what autograd keeps for backward."""
-    config, dtype = load_config(cfg.model), placement(cfg.device, cfg.precision)[1]
-    pre, r, post, removed = cfg.split(config.num_hidden_layers)
-    with torch.device("meta"):  # bf16 everywhere keeps about what autocast keeps
-        base = Transformer(config, pre + [r] + post)
-        shapes = {t: getattr(*projection(base.layers[str(r)], t)).weight.shape for t in TARGETS
-                  if VARIANTS[cfg.variant].low_rank}  # the bases load_ouroboros would build
-        model = Ouroboros(base, cfg, {t: (torch.empty(cfg.rank, i), torch.empty(o, cfg.rank))
-                                      for t, (o, i) in shapes.items()}).to(dtype)
-    print(f"{config.num_hidden_layers} layers: prelude {pre}, recurrent {r}, coda {post}, {len(removed)} removed")
-    for name, module in model.named_children():
-        if n := sum(p.numel() for p in module.parameters() if p.requires_grad):
-            print(f"{name:<12}{n:>12,} trainable")
-    weights = sum(p.nbytes for p in model.parameters()) + 16 * sum(p.numel() for p in model.trainable().values())
-    logits = 8 * min(1024, cfg.batch_size * cfg.seq_len) * config.vocab_size  # a chunk of them, fp32, twice
-    print(f"peak memory of a step, batch {cfg.batch_size} x {cfg.seq_len}, {dtype}, GiB: weights {weights / 2**30:.2f}"
-          f" (with what trains, its gradients and AdamW's moments) + logits {logits / 2**30:.2f} + activations:")
-    for depth in cfg.depths:
-        kept = [model.kept_bytes(cfg.batch_size, cfg.seq_len, depth, ck, cfg.readout == "every") for ck in (0, 1)]
-        kept[1] += (kept[0] - kept[1]) / depth  # and one step's, recomputed in backward
-        print(f"  depth {depth:2d}: " + "; with --checkpoint-steps ".join(
-            f"{k / 2**30:.2f} -> {(weights + logits + k) / 2**30:.2f}" for k in kept))
-
-
-def cli(main, argv=None):  # the mistakes this project raises (ValueError, OSError) end in one `error:` line
+def cli(main, argv=None):  # the mistakes raised (ValueError, OSError) end in one `error:` line
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except (ValueError, OSError) as e:
@@ -314,9 +260,7 @@ def cli(main, argv=None):  # the mistakes this project raises (ValueError, OSErr
 
 
 def main(argv=None):
-    cfg, resume, dry = parse(argv)
-    if dry:
-        return dry_run(cfg)
+    cfg, resume = parse(argv)
     ckpt, own = os.path.join(cfg.out, "checkpoint.safetensors"), os.path.join(cfg.out, "config.json")
     ours = os.path.isfile(own) and '"depths"' in open(own).read()  # a run of train.py's own
     if os.path.exists(cfg.out) and not ours and (os.path.isfile(cfg.out) or os.listdir(cfg.out)):
@@ -324,13 +268,18 @@ def main(argv=None):
     if os.path.exists(ckpt) != resume:
         raise ValueError(f"--resume: {cfg.out} holds no checkpoint" if resume else
                          f"{ckpt} exists: pass --resume to continue that run, or another --out")
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    caught = []  # SIGTERM (preemption) or SIGINT: the step finishes, saves, and the run exits
+
+    def note(signum, frame):
+        caught.append(signum)
+        signal.signal(signum, handlers[signum])  # a second one acts at once
+    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        train(cfg, resume)
-    finally:  # train installs its own: the process's come back, however training ended
+        train(cfg, resume, caught)
+    finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    if cfg.final_eval and "RANK" not in os.environ:  # eval.py is its own program: train.py never imports it
+    if cfg.final_eval and "RANK" not in os.environ:  # eval.py, as its own program
         sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out, "--device",
                                  cfg.device, "--precision", cfg.precision]).returncode)
 

@@ -10,7 +10,7 @@ tokenizer; the corpus is this repository's own sources. Stages:
     env       versions; the bf16 matmul ceiling that MFU is measured against
     train     train.py at the 0.5B shape: tok/s, MFU (extras/bench.py's train_flops) and peak memory per depth
     resume    SIGTERM inside a save, --resume, and the checkpoint bit for bit against an uninterrupted run
-    shapes    the 3B shape at depths 4/8/16, with and without --checkpoint-steps, against --dry-run's estimate
+    shapes    the 3B shape at depths 4/8/16, with and without --checkpoint-steps, against extras/memory.py's estimate
     generate  eval.py; generate.py cached against --no-cache (fp32: the same ids), and its tok/s eager and compiled
     decode    batch 1, greedy, bf16: ours eager and compiled (CUDA graphs) against transformers' generate()
     pytest    the test suite, on the GPU
@@ -340,6 +340,7 @@ class Check:
 
 def main():
     import eval as evaluation
+    import memory
     import train as trainer
     c, dev = Check(), "cpu" if SMOKE else "cuda"
     model, big, corpus, run = (os.path.join(WORK, x) for x in ("model", "big", "corpus", "run"))
@@ -363,7 +364,7 @@ def main():
         c.run(["folder", model, P["shape"]], 120)
         flags = [*common, "--seq-len", str(P["seq"]), "--depths", P["depths"], "--steps", str(P["steps"])]
         rc, facts, _ = c.run(["train-wrap", *flags, "--out", run], 240)
-        dry = c.call(trainer.cli, trainer.main, [*flags, "--dry-run"])[2].strip().splitlines()[-2:]
+        dry = c.call(trainer.cli, memory.main, flags)[2].strip().splitlines()[-2:]
         return ("PASS" if rc == 0 else "FAIL"), facts | {"dry_run": dry}
 
     def resume():
@@ -383,10 +384,10 @@ def main():
 
     def shapes():
         pre, r, post, rank = P["big_split"]
-        folder(big, P["big"], weights="0")  # config.json alone: all --dry-run reads
+        folder(big, P["big"], weights="0")  # config.json alone: all memory.py reads
         flags = ["--model", big, "--prelude", str(pre), "--recurrent", str(r), "--coda", str(post), "--rank", str(rank),
                  "--batch-size", "2", "--seq-len", str(P["seq"]), "--depths", ",".join(map(str, P["big_depths"]))]
-        text = c.call(trainer.cli, trainer.main, [*flags, "--dry-run", "--device", dev])[2]
+        text = c.call(trainer.cli, memory.main, [*flags, "--device", dev])[2]
         rc, facts, _ = c.run(["shapes"], 200)
         estimate = {int(d): (float(a), float(b)) for d, a, b in
                     re.findall(r"depth +(\d+): [\d.]+ -> ([\d.]+); with --checkpoint-steps [\d.]+ -> ([\d.]+)", text)}

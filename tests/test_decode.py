@@ -17,7 +17,7 @@ import generate
 from conftest import make_checkpoint, make_model_folder, needs_cuda, ouroboros, randomise_trainable
 from eval import load_run
 from load_qwen import load_model, load_ouroboros
-from model import KVCache, OuroborosConfig
+from model import OuroborosConfig
 from train import TrainConfig, save_checkpoint
 
 SPLIT = dict(prelude=2, recurrent=3, coda=2)  # of 7 layers

@@ -14,6 +14,7 @@ import pytest
 import data
 import eval as evaluation
 import generate
+import memory
 import train
 from conftest import ROOT, WITH_CACHE, cli_error, make_checkpoint, train_args
 from load_qwen import load_config
@@ -81,7 +82,7 @@ def test_each_program_answers_a_mistake_with_one_line_and_exit_status_1(setup, b
 
 def test_a_missing_model_folder_config_json_or_tokenizer_json(setup, bad, tmp_path):
     for i, folder in enumerate((str(tmp_path / "nowhere"), setup[1])):  # no folder; a folder without config.json
-        message = f"{folder}/config.json not found: --model takes an HF-format model folder"
+        message = f"{folder}/config.json not found: --model takes an HF-format folder"
         assert_one_error_line(train.main, train_args(setup, str(tmp_path / "out"), "--model", folder), message)
         assert_one_error_line(generate.main, ["--model", folder, "--prompt", "x", "--device", "cpu"], message)
         assert_one_error_line(data.main, ["--model", folder, "--data", setup[1]], message)
@@ -106,8 +107,8 @@ def test_a_split_that_does_not_fit_the_model(setup, bad, tmp_path):
     run = edited_run(bad, "split", prelude=4, recurrent=4)
     assert_one_error_line(evaluation.main, ["--run", run, "--device", "cpu", "--out", str(tmp_path / "res")], message)
     assert_one_error_line(generate.main, ["--run", run, "--prompt", "x", "--device", "cpu"], message)
-    assert_one_error_line(train.main, ["--model", str(setup[0]), "--dry-run", "--prelude", "4", "--recurrent", "4",
-                                       "--coda", "1"], message)
+    assert_one_error_line(memory.main, ["--model", str(setup[0]), "--prelude", "4", "--recurrent", "4", "--coda", "1"],
+                          message)
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -236,8 +237,7 @@ def config_folder(tmp_path, raw, **changes):
 ])
 def test_unsupported_config_features_are_refused_in_one_line(qwen_config, tmp_path, changes, refused):
     folder = config_folder(tmp_path, qwen_config, **changes)
-    with pytest.raises(ValueError, match=f"config.json: .*{re.escape(refused)}.*: not supported, this decoder would compute "
-                                         "another function"):
+    with pytest.raises(ValueError, match=f"config.json: .*{re.escape(refused)}.*: not supported$"):
         load_config(folder)
 
 
