@@ -3,7 +3,7 @@ tokenised in batches on every core, so memory stays flat in the corpus's size; t
 
     python data.py --model DIR --data corpus/*.parquet --held-out 0.01   # tokenise once, print the splits
 """
-import fcntl, functools, glob, gzip, hashlib, itertools, json, os, sys, sysconfig
+import fcntl, functools, glob, gzip, hashlib, itertools, json, os, sys
 
 import numpy as np
 import torch
@@ -16,15 +16,9 @@ SIDES = ("train", "held_out")
 
 
 def find_files(sources) -> list:
-    """Files from paths, folders and globs; by default the Python docs, else the standard library's sources."""
-    if not sources:
-        if files := sorted(glob.glob(PYTHON_DOCS, recursive=True)):
-            return files
-        print(f"no Python docs at {PYTHON_DOCS}: the corpus is the standard library's sources", file=sys.stderr)
-        stdlib = glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True)
-        return sorted(f for f in stdlib if "site-packages" not in f)
+    """Files of paths, folders and globs (by default the Python docs)."""
     files = []
-    for src in sources:  # a folder's files are found as a glob finds them: no hidden ones (.git, .venv)
+    for src in sources or [PYTHON_DOCS]:  # a folder as a glob sees it: no hidden files (.git, .venv)
         pattern = os.path.join(glob.escape(src), "**") if os.path.isdir(src) else src
         found = [src] if os.path.isfile(src) else sorted(filter(os.path.isfile, glob.glob(pattern, recursive=True)))
         if not found:
@@ -34,10 +28,9 @@ def find_files(sources) -> list:
 
 
 def documents(files, text_field: str = "text"):
-    """The text of every document, in order."""
     for file in files:
         if file.endswith(".parquet"):
-            import pyarrow.parquet as pq  # optional: for parquet input only
+            import pyarrow.parquet as pq  # optional: for parquet only
             table = pq.ParquetFile(file)
             if text_field not in table.schema_arrow.names:
                 raise ValueError(f"{file} has no column {text_field!r}: name the text column with --text-field")
@@ -58,15 +51,15 @@ def documents(files, text_field: str = "text"):
             yield raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_field: str) -> dict:
-    """Documents that are not blank -> the two token files, EOS after each, ~1M characters per encode_batch (work for
-    every core); the manifest last, so that a killed run never reads as done."""
+def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_field: str) -> str:
+    """Documents that are not blank -> two token files, EOS after each, ~1M characters per encode_batch (work for every
+    core); the manifest last, so that a killed run never reads as done. -> their dtype."""
     dtype = "uint16" if max(tokenizer.get_vocab_size(), eos + 1) <= 2**16 else "uint32"
-    docs, tokens, batch, size = [0, 0], [0, 0], [], 0
-    outs = [open(os.path.join(folder, f"{s}.bin"), "wb") for s in SIDES]
-    for text in itertools.chain(documents(files, text_field), [None]):  # None: the end, the last batch
+    docs, batch, size, outs = [0, 0], [], 0, [open(f"{folder}/{s}.bin", "wb") for s in SIDES]
+    for text in itertools.chain(documents(files, text_field), [None]):  # None: the end
         if text and text.strip():
-            batch, size = batch + [text], size + len(text)
+            batch.append(text)
+            size += len(text)
         if batch and (text is None or size >= 1 << 20):
             ids = ([], [])
             for doc, enc in zip(batch, tokenizer.encode_batch(batch, add_special_tokens=False)):
@@ -76,16 +69,14 @@ def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_fiel
                 docs[side] += 1
             for side, out in enumerate(outs):
                 np.array(ids[side], dtype).tofile(out)
-                tokens[side] += len(ids[side])
             batch, size = [], 0
     for out in outs:
         out.close()
     if not all(docs):
-        raise ValueError(f"{sum(docs)} documents do not split at --held-out {held_out}: give more documents")
-    manifest = {"dtype": dtype} | {s: {"documents": d, "tokens": t} for s, d, t in zip(SIDES, docs, tokens)}
-    write_atomic(os.path.join(folder, "manifest.json"), json.dumps(manifest).encode())
-    print(f"tokenised {sum(docs):,} documents ({docs[1]:,} held out), {sum(tokens):,} tokens", file=sys.stderr)
-    return manifest
+        raise ValueError(f"{sum(docs)} documents cannot be split at --held-out {held_out}: give more documents")
+    write_atomic(f"{folder}/manifest.json", json.dumps({"dtype": dtype, "documents": docs}).encode())
+    print(f"tokenised {sum(docs):,} documents, {docs[1]:,} held out", file=sys.stderr)
+    return dtype
 
 
 def write_atomic(file: str, data: bytes):  # a temporary file, synced, renamed over `file`
@@ -97,8 +88,8 @@ def write_atomic(file: str, data: bytes):  # a temporary file, synced, renamed o
 
 
 def load_splits(cfg, cache: str | None = None) -> list:
-    """(train, held_out) token memmaps of cfg's --data, --held-out and --model's tokenizer: cached, keyed by the files
-    (path, size, mtime), the split and tokenizer.json."""
+    """(train, held_out) token memmaps of cfg's --data, --held-out and tokenizer; cached, keyed by the files (path,
+    size, mtime), the split and tokenizer.json."""
     files, eos = find_files(cfg.data), load_config(cfg.model).eos_token_id
     if eos is None:
         raise ValueError(f"{cfg.model}/config.json has no eos_token_id to end documents with")
@@ -108,14 +99,13 @@ def load_splits(cfg, cache: str | None = None) -> list:
     key = [[p, os.path.getsize(p), os.path.getmtime(p)] for p in files] + [cfg.held_out, cfg.text_field, eos, vocab]
     folder = os.path.join(cache or CACHE, "tokens", hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16])
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "lock"), "w") as lock:  # one process tokenises; the others wait, then read
+    with open(f"{folder}/lock", "w") as lock:  # one process tokenises, the others wait
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isfile(manifest := os.path.join(folder, "manifest.json")):
-            with open(manifest) as f:
-                m = json.load(f)
+        if os.path.isfile(f"{folder}/manifest.json"):
+            dtype = json.load(open(f"{folder}/manifest.json"))["dtype"]
         else:
-            m = tokenize(files, folder, load_tokenizer(cfg.model), eos, cfg.held_out, cfg.text_field)
-    return [np.memmap(os.path.join(folder, f"{s}.bin"), m["dtype"], "r", shape=(m[s]["tokens"],)) for s in SIDES]
+            dtype = tokenize(files, folder, load_tokenizer(cfg.model), eos, cfg.held_out, cfg.text_field)
+    return [np.memmap(f"{folder}/{s}.bin", dtype, "r") for s in SIDES]
 
 
 class Windows:
@@ -125,29 +115,28 @@ class Windows:
     def __init__(self, tokens: np.ndarray, seq_len: int, offset: int = 1):
         self.tokens, self.seq_len, self.offset = tokens, seq_len, offset
         self.n = (len(tokens) - offset) // seq_len
-        self.order = functools.lru_cache(maxsize=1)(self.shuffled)  # per instance: the epoch being drawn
         if self.n < 1:
             raise ValueError(f"{len(tokens)} tokens do not fill a window of {seq_len + offset}: lower --seq-len")
+
+        @functools.lru_cache(maxsize=1)  # the epoch being drawn
+        def order(seed: int, epoch: int) -> list:  # a permutation of the windows per (seed, epoch)
+            return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        self.order = order
 
     def batch(self, indices, device="cpu", offsets=None):
         """(inputs, labels) [B, seq_len]; with offsets, the labels of each offset."""
         L = self.seq_len
         w = torch.from_numpy(np.stack([self.tokens[i * L:(i + 1) * L + self.offset] for i in indices]).astype(np.int64))
-        pinned = w.pin_memory() if torch.device(device).type == "cuda" else w  # the copy does not wait for the GPU
-        w = pinned.to(device, non_blocking=True)
+        w = (w.pin_memory() if torch.device(device).type == "cuda" else w).to(device, non_blocking=True)
         return w[:, :L], (w[:, self.offset:] if offsets is None else [w[:, k:k + L] for k in offsets])
 
     def draw(self, cfg, step: int, micro: int, rank: int = 0, world: int = 1):
-        """(window indices, depth) of a micro-batch: a function of (seed, step, micro, rank) alone, so that a resumed
-        run sees exactly the batches it would have."""
+        """(window indices, depth) of a micro-batch, a function of (seed, step, micro, rank) alone: a resumed run
+        sees exactly the batches it would have."""
         first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
         depth = cfg.depths[torch.randint(len(cfg.depths), (), generator=g).item()]
         return [self.order(cfg.seed, i // self.n)[i % self.n] for i in range(first, first + cfg.batch_size)], depth
-
-    def shuffled(self, seed: int, epoch: int) -> list:
-        """A permutation of the windows per (seed, epoch)."""
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
     def spread(self, count: int) -> list:
         """`count` fixed windows spread over the stream: an evaluation set."""

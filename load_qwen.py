@@ -1,5 +1,5 @@
 """An HF-format folder (config.json, safetensors, tokenizer.json) -> the decoder, or Ouroboros."""
-import functools, json, os
+import functools, glob, json, os
 
 import torch
 from safetensors import safe_open
@@ -43,18 +43,11 @@ def load_config(path: str) -> Qwen2Config:
 
 
 def open_weights(path: str) -> dict:
-    """{HF tensor name: a function that reads it}, from model.safetensors or its shards."""
-    index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shard_of = json.load(f)["weight_map"]
-    elif os.path.isfile(single):
-        with safe_open(single, "pt") as f:
-            shard_of = dict.fromkeys(f.keys(), "model.safetensors")
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    files = {s: safe_open(os.path.join(path, s), "pt") for s in set(shard_of.values())}
-    return {n: functools.partial(files[s].get_tensor, n) for n, s in shard_of.items()}
+    """{HF tensor name: a function that reads it}, from the folder's .safetensors files (one, or shards)."""
+    files = [safe_open(f, "pt") for f in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))]
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    return {n: functools.partial(f.get_tensor, n) for f in files for n in f.keys()}
 
 
 def load_model(path: str, dtype=torch.float32, device="cpu", layers=None, config=None) -> Transformer:

@@ -72,14 +72,10 @@ class KVCache(nn.Module):
     def attend(self, pos, q, k, v):
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        if len(pos) == 1 and pos.is_cpu and not torch.compiler.is_compiling():  # one token, eager, on a CPU:
-            n = int(pos) + 1  # the filled part, unmasked (the fused kernels)
-            keys, values, mask = self.k[:, :, :n], self.v[:, :, :n], None
-        else:  # static shapes (compiled, CUDA graphs): the whole cache, masked beyond pos
-            keys, values, mask = self.k, self.v, pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)
+        mask = pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)  # static shapes: the whole cache
         off = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext()
         with off:  # a CPU's cache is fp32: attend in fp32
-            y = F.scaled_dot_product_attention(q.to(self.k.dtype), keys, values, attn_mask=mask,
+            y = F.scaled_dot_product_attention(q.to(self.k.dtype), self.k, self.v, attn_mask=mask,
                                                enable_gqa=q.shape[1] != self.k.shape[1])
         return y.to(q.dtype)
 

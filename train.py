@@ -1,10 +1,10 @@
 """Train Ouroboros: the controller, gate and step norms over a frozen, pruned decoder.
 
-    python train.py                        # the offline default: SmolLM2-135M on the Python docs
+    python train.py                        # SmolLM2-135M on the Python docs, offline
     python train.py --model DIR --data DIR --prelude 8 --recurrent 18 --coda 8 --depths 4,8,16 ...
     torchrun --nproc_per_node 8 train.py   # DistributedDataParallel
 """
-import argparse, dataclasses, inspect, json, math, os, re, signal, subprocess, sys, time
+import argparse, dataclasses, inspect, json, math, os, re, signal, sys, time
 from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Literal, get_args
@@ -24,24 +24,24 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclasses.dataclass
-class TrainConfig(OuroborosConfig):  # the model's settings and training's: a flag each, its help the comment
+class TrainConfig(OuroborosConfig):  # every setting, once: a flag each, the comment its help
     model: str = DEFAULT_MODEL  # an HF-format Qwen2 / Llama folder
-    data: list[str] = dataclasses.field(default_factory=list)  # files, folders, globs (default: the Python docs)
+    data: list[str] = dataclasses.field(default_factory=list)  # files, folders, globs (default: Python's docs)
     text_field: str = "text"  # the .jsonl field or parquet column of the text
     held_out: float = 0.05  # the fraction of documents held out
     seq_len: int = 256  # tokens per window
-    depths: list[int] = dataclasses.field(default_factory=lambda: [4, 8])  # comma-separated; one drawn per batch
-    readout: Literal["last", "every"] = "last"  # the loss after the last step, or the mean over every step's
+    depths: list[int] = dataclasses.field(default_factory=lambda: [4, 8])  # one drawn per batch
+    readout: Literal["last", "every"] = "last"  # the loss after the last step, or every step's mean
     label_offset: int = 1  # predict token t + this (2: the authors' double shift)
     batch_size: int = 8  # sequences per micro-batch, per process
     grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 3e-3  # the peak learning rate (paper: 3e-4 over 300K steps)
+    lr: float = 3e-3  # the peak learning rate (the paper: 3e-4)
     min_lr_ratio: float = 0.1  # the cosine decays to lr x this
     warmup: int = -1  # linear warmup steps (-1: min(10, steps // 8))
     weight_decay: float = 0.01  # AdamW's, on matrices
     beta2: float = 0.95  # AdamW's beta2
     clip: float = 1.0  # the gradient-norm clip
-    seed: int = 0  # seeds the data order, the depths and the initialisation
+    seed: int = 0  # the data order, the depths and the initialisation
     # From here on, how a run runs, not what it learns: --resume may change these.
     steps: int = 80  # optimiser steps
     out: str = ""  # the run folder (default: runs/<variant>-s<seed>)
@@ -50,21 +50,20 @@ class TrainConfig(OuroborosConfig):  # the model's settings and training's: a fl
     eval_windows: int = 16  # held-out windows in that loss
     save_interval: int = 20  # steps between checkpoints (also at the end and on a signal)
     device: str = "auto"  # auto (cuda:LOCAL_RANK, mps, cpu) or a torch device
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a bf16 base under autocast; auto: bf16 on GPUs
-    tf32: bool = False  # let fp32 matmuls on CUDA run in TF32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a bf16 base under autocast (auto: on GPUs)
+    tf32: bool = False  # fp32 matmuls on CUDA in TF32
     compile: bool = False  # torch.compile the recurrent step
-    checkpoint_steps: bool = False  # recompute each recurrent step in backward: memory flat in depth
-    final_eval: bool = True  # run eval.py on the run when training ends
+    checkpoint_steps: bool = False  # recompute each step in backward: memory flat in depth
 
 
-SETTINGS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}  # {name: type}, in order
+SETTINGS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 FREE = set(list(SETTINGS)[list(SETTINGS).index("steps"):])  # what --resume may change
 
 
 def parse(argv=None, description=__doc__):
     """(TrainConfig, --resume) of a command line; a resumed run keeps its config.json's settings."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)  # `given` holds only the flags given
+                                argument_default=argparse.SUPPRESS)  # only the flags given
     source = inspect.getsource(OuroborosConfig) + inspect.getsource(TrainConfig)
     helps = dict(re.findall(r"^ +(\w+): .*?# (.*)$", source, re.M))
     for key, kind in SETTINGS.items():
@@ -74,15 +73,15 @@ def parse(argv=None, description=__doc__):
         elif key == "data":
             p.add_argument(flag, nargs="*", help=help)
         elif key == "depths":
-            p.add_argument(flag, type=lambda s: [int(d) for d in s.split(",")], help=f"{help} (default 4,8)")
-        else:  # a choice of a Literal, or of VARIANTS
-            choices = list(VARIANTS) if key == "variant" else get_args(kind) or None
+            p.add_argument(flag, type=lambda s: [int(d) for d in s.split(",")], help=f"{help} (default: 4,8)")
+        else:
+            choices = list(VARIANTS) if key == "variant" else get_args(kind) or None  # or a Literal's
             p.add_argument(flag, type=type(default), choices=choices, help=f"{help} (default {default})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume", False)
-    given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}  # a run works from anywhere
-    given |= {"data": [os.path.abspath(d) for d in given["data"]]} if "data" in given else {}
+    given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}  # usable from anywhere
+    given |= {"data": list(map(os.path.abspath, given["data"]))} if "data" in given else {}
     cfg = TrainConfig(**given)
     cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-s{cfg.seed}")
     if resume:
@@ -111,9 +110,9 @@ def read_config(run: str) -> TrainConfig:  # a setting added since the run takes
 
 
 def placement(device: str, precision: str):
-    """(device, the base's dtype, autocast); in bf16 what trains stays fp32."""
+    """(device, the base's dtype, autocast); what trains stays fp32."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.mps.is_available() else "cpu"
     where = torch.device(device)
     if where.type == "cuda" and where.index is None:  # this process's GPU
         where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -132,7 +131,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     """Processes, device, data, model, optimiser, and the checkpoint to resume."""
     s = SimpleNamespace(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
-    if resume and (was := json.load(open(os.path.join(cfg.out, "config.json"))).get("world_size", 1)) != s.world:
+    if resume and (was := json.load(open(f"{cfg.out}/config.json")).get("world_size", 1)) != s.world:
         raise ValueError(f"--resume: {cfg.out} was trained at world size {was}, not {s.world}")
     s.device, dtype, s.autocast = placement(cfg.device, cfg.precision)
     if s.device.type == "cuda":
@@ -142,7 +141,7 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     cfg.split(config.num_hidden_layers)
     if cfg.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context ({config.max_position_embeddings})")
-    # The data first: a wrong --data fails in seconds, and no collective waits while one process tokenises.
+    # The data first: a wrong --data fails in seconds, and no collective waits on the tokenising.
     s.train, s.held = (Windows(t, cfg.seq_len, cfg.label_offset) for t in load_splits(cfg))
     if s.world > 1:
         dist.init_process_group("nccl" if s.device.type == "cuda" else "gloo")
@@ -154,7 +153,7 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     s.params, s.opt = s.model.trainable(), s.model.optimizer(cfg.lr, cfg.weight_decay, (0.9, cfg.beta2))
     s.net = s.model if s.world == 1 else DDP(s.model, device_ids=None if s.device.type == "cpu" else [s.device.index])
     s.log = print if s.rank == 0 else lambda *a, **k: None
-    s.start = load_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt) if resume else 0
+    s.start = load_checkpoint(f"{cfg.out}/checkpoint.safetensors", s.model, s.opt) if resume else 0
     if s.start >= cfg.steps:
         raise ValueError(f"--resume: {cfg.out} holds step {s.start} already; give --steps above it")
     s.log(f"device {s.device}, {s.train.n:,} training / {s.held.n:,} held-out windows of {cfg.seq_len} tokens, "
@@ -162,12 +161,18 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     if s.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         saved = dataclasses.asdict(cfg) | {"world_size": s.world}  # who drew the batches
-        write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(saved, indent=1).encode())
+        write_atomic(f"{cfg.out}/config.json", json.dumps(saved, indent=1).encode())
+    s.caught = []  # SIGTERM (preemption) or SIGINT: the step finishes, saves and exits
+
+    def note(signum, frame):
+        s.caught.append(signum)
+        signal.signal(signum, handlers[signum])  # a second one acts at once
+    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
     return s
 
 
-def train(cfg: TrainConfig, resume: bool, caught: list):
-    """The loop: learning rate, micro-steps, clip, step, log, eval, save; a signal in `caught` saves and stops."""
+def train(cfg: TrainConfig, resume: bool = False):
+    """The loop: learning rate, micro-steps, clip, step, log, eval, save."""
     s = setup(cfg, resume)
     t0, loss_sum, good, bad, done, stop = time.time(), torch.zeros((), device=s.device), 0, 0, s.start, False
     for step in range(s.start, cfg.steps):
@@ -184,8 +189,7 @@ def train(cfg: TrainConfig, resume: bool, caught: list):
                 (micro_loss / cfg.grad_accum).backward()
             loss += micro_loss.detach()  # no .item(): no sync per micro-step
         norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
-        stopping = torch.tensor(len(caught) + 0.0, device=s.device)
-        flags = torch.stack([(~torch.isfinite(loss + norm)).float(), stopping])
+        flags = torch.stack([(~torch.isfinite(loss + norm)).float(), torch.tensor(len(s.caught) + 0.0, device=s.device)])
         if s.world > 1:  # the same verdicts in every process: skip the update? stop?
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip, stop = (f > 0 for f in flags.tolist())
@@ -210,14 +214,14 @@ def train(cfg: TrainConfig, resume: bool, caught: list):
         if line:
             s.log(f"step {done:5d}/{cfg.steps}{line}", flush=True)
         if s.rank == 0 and (done == cfg.steps or stop or done % cfg.save_interval == 0 and not bad):
-            save_checkpoint(os.path.join(cfg.out, "checkpoint.safetensors"), s.model, s.opt, done)
+            save_checkpoint(f"{cfg.out}/checkpoint.safetensors", s.model, s.opt, done)
         if stop:
             break
     if s.world > 1:  # leave together: a process torn down while rank 0 saves can abort it
         dist.barrier()
         dist.destroy_process_group()
-    if stop or caught:  # a signal to any process, or one during the last save
-        signum = (caught or [signal.SIGTERM])[0]
+    if stop or s.caught:  # a signal to any process, or one during the last save
+        signum = (s.caught or [signal.SIGTERM])[0]
         s.log(f"stopped by {signal.Signals(signum).name} after step {done}: --resume continues")
         sys.exit(128 + signum)
     s.log(f"trained {done - s.start} steps in {(time.time() - t0) / 60:.1f} min")
@@ -261,27 +265,19 @@ def cli(main, argv=None):  # the mistakes raised (ValueError, OSError) end in on
 
 def main(argv=None):
     cfg, resume = parse(argv)
-    ckpt, own = os.path.join(cfg.out, "checkpoint.safetensors"), os.path.join(cfg.out, "config.json")
-    ours = os.path.isfile(own) and '"depths"' in open(own).read()  # a run of train.py's own
+    ckpt, own = f"{cfg.out}/checkpoint.safetensors", f"{cfg.out}/config.json"
+    ours = os.path.isfile(own) and '"depths"' in open(own).read()  # a run of train.py's
     if os.path.exists(cfg.out) and not ours and (os.path.isfile(cfg.out) or os.listdir(cfg.out)):
         raise ValueError(f"--out {cfg.out} is not a run of train.py, nor a new or empty folder: name another")
     if os.path.exists(ckpt) != resume:
         raise ValueError(f"--resume: {cfg.out} holds no checkpoint" if resume else
                          f"{ckpt} exists: pass --resume to continue that run, or another --out")
-    caught = []  # SIGTERM (preemption) or SIGINT: the step finishes, saves, and the run exits
-
-    def note(signum, frame):
-        caught.append(signum)
-        signal.signal(signum, handlers[signum])  # a second one acts at once
-    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        train(cfg, resume, caught)
-    finally:
+        train(cfg, resume)
+    finally:  # setup installs its own: the process's come back
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    if cfg.final_eval and "RANK" not in os.environ:  # eval.py, as its own program
-        sys.exit(subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", cfg.out, "--device",
-                                 cfg.device, "--precision", cfg.precision]).returncode)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ run() {  # run VARIANT SEED [RANK]: train runs/compare/VARIANT[-rRANK]-sSEED unl
     echo "== $out"
     # tee -i: a Ctrl-C reaches train.py, which saves the step it is in, but not the log writer. The log lies
     # beside the run: train.py writes only into a new or empty folder, or a run of its own.
-    "$PY" train.py --out "$out" --steps 30 --warmup 10 --eval-interval 30 --eval-windows 8 --no-final-eval \
+    "$PY" train.py --out "$out" --steps 30 --warmup 10 --eval-interval 30 --eval-windows 8 \
         $(flags "$variant") --seed "$seed" --rank "$rank" "${MODEL[@]}" $resume 2>&1 | tee -ia "$out.log"
     touch "$out/trained"
 }

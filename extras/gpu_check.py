@@ -353,7 +353,7 @@ def main():
                     out.write("".join(lines[i:i + 40]))
     pre, r, post, rank = P["split"]
     common = ["--model", model, "--data", corpus, "--prelude", str(pre), "--recurrent", str(r), "--coda", str(post),
-              "--rank", str(rank), "--device", dev, "--no-final-eval", "--eval-windows", "4", "--batch-size", "2"]
+              "--rank", str(rank), "--device", dev, "--eval-windows", "4", "--batch-size", "2"]
 
     def env():
         rc, facts, _ = c.call(versions)

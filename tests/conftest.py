@@ -162,7 +162,7 @@ def train_args(setup, out, *extra):
     model, corpus, _ = setup
     return ["--model", model, "--data", corpus, "--out", out, "--prelude", "1", "--recurrent", "2", "--coda", "1",
             "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--eval-interval", "2", "--save-interval", "2",
-            "--eval-windows", "4", "--log-interval", "1", "--depths", "1,2,3", "--no-final-eval", "--rank", "8",
+            "--eval-windows", "4", "--log-interval", "1", "--depths", "1,2,3", "--rank", "8",
             "--device", "cpu", *extra]
 
 

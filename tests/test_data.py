@@ -183,8 +183,12 @@ def test_find_files_reads_known_kinds_from_folders_and_the_default_corpus(tmp_pa
     assert data.find_files([str(tmp_path)]) == [str(tmp_path / "b.txt"), str(tmp_path / "sub" / "a.md")]
     with pytest.raises(FileNotFoundError, match="matches no files"):
         data.find_files([str(tmp_path / "nothing*.txt")])
-    default = data.find_files([])  # the Python docs, or the standard library's sources without them
-    assert len(default) > 100 and all(f.endswith((".rst.txt", ".py")) for f in default)
+    if os.path.isdir("/usr/share/doc/python3.11/html/_sources"):  # the default: the Python docs
+        default = data.find_files([])
+        assert len(default) > 100 and all(f.endswith(".rst.txt") for f in default)
+    else:
+        with pytest.raises(FileNotFoundError, match="python3.11/html/_sources/"):
+            data.find_files([])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,11 +201,11 @@ def test_data_py_prepares_then_finds_the_cache(model, corpus, tmp_path, monkeypa
     first = capsys.readouterr()
     folder = only_folder(str(tmp_path))
     m = json.load(open(os.path.join(folder, "manifest.json")))
-    assert "tokenised 30 documents" in first.err and m["train"]["documents"] + m["held_out"]["documents"] == 30
+    assert "tokenised 30 documents" in first.err and sum(m["documents"]) == 30 and m["dtype"] == "uint16"
     for side in data.SIDES:
         (line,) = [line for line in first.out.splitlines() if line.startswith(side + " ")]
-        assert f"{m[side]['tokens']:,} tokens" in line and line.endswith(os.path.join(folder, f"{side}.bin"))
-        assert os.path.getsize(os.path.join(folder, f"{side}.bin")) == 2 * m[side]["tokens"]  # uint16
+        tokens = os.path.getsize(os.path.join(folder, f"{side}.bin")) // 2  # uint16
+        assert f"{tokens:,} tokens" in line and line.endswith(os.path.join(folder, f"{side}.bin"))
     data.main(argv)
     again = capsys.readouterr()
     assert again.out == first.out and "tokenised" not in again.err

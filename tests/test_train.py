@@ -306,7 +306,7 @@ def test_a_skipped_last_step_still_saves_the_final_step(setup, tmp_path, poison)
 
 def test_a_signal_after_the_last_steps_check_is_honoured(setup, tmp_path, monkeypatch):
     """SIGTERM during the final save (after the last per-step check): the checkpoint holds the final step, and the
-    run exits 143 instead of going on (to eval.py)."""
+    run exits 143."""
     real = train.save_checkpoint
 
     def save(path, model, opt, step):
@@ -384,7 +384,7 @@ def test_resume_accepts_more_steps_and_the_free_settings(setup, whole):
     stored = read_config(whole[0])
     cfg, resume = parse(["--out", whole[0], "--resume", "--steps", "9", "--log-interval", "3", "--eval-interval", "9",
                             "--eval-windows", "2", "--save-interval", "3", "--device", "cpu", "--precision", "fp32",
-                            "--checkpoint-steps", "--no-final-eval"])  # nothing else given: the run's own settings
+                            "--checkpoint-steps"])  # nothing else given: the run's own settings
     assert resume and cfg.steps == 9 and (cfg.log_interval, cfg.checkpoint_steps, cfg.precision) == (3, True, "fp32")
     fixed = set(vars(stored)) - train.FREE
     assert {k: getattr(cfg, k) for k in fixed} == {k: getattr(stored, k) for k in fixed}
@@ -402,7 +402,7 @@ def test_a_run_whose_config_lacks_a_setting_added_since_or_has_one_removed_loads
     json.dump(raw, open(file, "w"))
     cfg = read_config(out)
     assert (cfg.readout, cfg.label_offset, cfg.tf32, cfg.lr) == ("last", 1, False, 0.01)
-    log = main(["--out", out, "--resume", "--steps", "7", "--device", "cpu", "--no-final-eval"])
+    log = main(["--out", out, "--resume", "--steps", "7", "--device", "cpu"])
     assert "; from step 6" in log and "step     7/7  loss" in log and saved_step(out) == 7
 
 
