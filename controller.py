@@ -46,9 +46,9 @@ class Controller(nn.Module):
 
         u = SiLU(W_u pool(h)),  e = E[k],  z = SiLU(W_2 SiLU(W_1 [u; e])),  c_t = H_t z
 
-    pool="causal" (our fix, the default): position t reads the mean of h over positions <= t, so each token gets
-    its own diagonals and none sees the future. pool="mean", the paper's: one diagonal per sequence, from the mean
-    over all of it, so that position t sees the tokens after it; a leak kept to be measured.
+    pool="causal" (our fix, the default): position t reads the mean of h over positions <= t. pool="mean" (the
+    paper's): one diagonal per sequence, from the mean over all of it, so that position t sees the future: a leak
+    kept to be measured.
     """
     low_rank = True
 
@@ -95,9 +95,8 @@ class NoDiagonals(nn.Module):
         return None
 
 
-# --variant: what emits the diagonals. A new controller is an entry here: a module cls(dim, oc) whose forward(h, step,
-# pos, prefix) returns {target: diagonal} or None, whose `causal` says that position t reads only positions <= t
-# (decoding through the cache refuses it otherwise), and whose `low_rank` says whether SVD bases are built for it.
+# --variant: what emits the diagonals; a new controller is an entry here (README, "Fork it"). `causal`: position t
+# reads only positions <= t (the cache refuses others); `low_rank`: it needs SVD bases.
 VARIANTS = {"controller": Controller, "static": StaticDiagonals, "none": NoDiagonals}
 
 

@@ -1,5 +1,5 @@
 """Data: files -> documents -> a held-out split by document -> token files -> windows. Documents stream through,
-tokenised in batches on every core, so memory stays flat in the corpus's size; training memmaps the token files.
+so memory stays flat in the corpus's size.
 
     python data.py --model DIR --data corpus/*.parquet --held-out 0.01   # tokenise once, print the splits
 """
@@ -11,7 +11,7 @@ import torch
 from load_qwen import CACHE, load_config, load_tokenizer
 
 PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.rst.txt"  # the default corpus (Debian's python3.11-doc)
-TEXT = (".txt", ".md", ".rst", ".py")  # a document per file; .jsonl(.gz): per line; .parquet: per row
+KINDS = (".txt", ".md", ".rst", ".py", ".jsonl", ".jsonl.gz", ".parquet")  # a document per file, line or row
 SIDES = ("train", "held_out")
 
 
@@ -23,14 +23,14 @@ def find_files(sources) -> list:
         found = [src] if os.path.isfile(src) else sorted(filter(os.path.isfile, glob.glob(pattern, recursive=True)))
         if not found:
             raise FileNotFoundError(f"--data {src!r} matches no files")
-        files += [f for f in found if f.endswith(TEXT + (".jsonl", ".jsonl.gz", ".parquet")) or f == src]
+        files += [f for f in found if f.endswith(KINDS) or f == src]
     return files
 
 
 def documents(files, text_field: str = "text"):
     for file in files:
         if file.endswith(".parquet"):
-            import pyarrow.parquet as pq  # optional: for parquet only
+            import pyarrow.parquet as pq  # optional
             table = pq.ParquetFile(file)
             if text_field not in table.schema_arrow.names:
                 raise ValueError(f"{file} has no column {text_field!r}: name the text column with --text-field")
@@ -44,16 +44,16 @@ def documents(files, text_field: str = "text"):
                         raise ValueError(f"{file} line {i}: no {text_field!r} text; name the field with --text-field")
                     yield text
         else:
-            with open(file, "rb") as f:
-                raw = f.read()
-            if b"\0" in raw:
+            with open(file, encoding="utf-8", errors="replace") as f:  # newlines read as \n
+                text = f.read()
+            if "\0" in text:
                 raise ValueError(f"{file} is not text: give .txt .md .rst .py .jsonl(.gz) or .parquet files")
-            yield raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+            yield text
 
 
-def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_field: str) -> str:
-    """Documents that are not blank -> two token files, EOS after each, ~1M characters per encode_batch (work for every
-    core); the manifest last, so that a killed run never reads as done. -> their dtype."""
+def tokenize(files, folder, tokenizer, eos, held_out, text_field) -> str:
+    """Documents that are not blank -> two token files, EOS after each, ~1M characters per encode_batch; the
+    manifest last: a killed run never reads as done. -> their dtype."""
     dtype = "uint16" if max(tokenizer.get_vocab_size(), eos + 1) <= 2**16 else "uint32"
     docs, batch, size, outs = [0, 0], [], 0, [open(f"{folder}/{s}.bin", "wb") for s in SIDES]
     for text in itertools.chain(documents(files, text_field), [None]):  # None: the end
@@ -63,7 +63,7 @@ def tokenize(files, folder: str, tokenizer, eos: int, held_out: float, text_fiel
         if batch and (text is None or size >= 1 << 20):
             ids = ([], [])
             for doc, enc in zip(batch, tokenizer.encode_batch(batch, add_special_tokens=False)):
-                # By the text alone: the same split on every machine, and copies land together.
+                # By the text alone: the same on every machine, and copies land together.
                 side = int(hashlib.sha1(doc.encode()).hexdigest()[:8], 16) < held_out * 2**32
                 ids[side].extend(enc.ids + [eos])
                 docs[side] += 1
@@ -87,17 +87,14 @@ def write_atomic(file: str, data: bytes):  # a temporary file, synced, renamed o
     os.replace(file + ".tmp", file)
 
 
-def load_splits(cfg, cache: str | None = None) -> list:
-    """(train, held_out) token memmaps of cfg's --data, --held-out and tokenizer; cached, keyed by the files (path,
-    size, mtime), the split and tokenizer.json."""
+def load_splits(cfg) -> list:
+    """(train, held_out) token memmaps of cfg's --data, --held-out and tokenizer, cached."""
     files, eos = find_files(cfg.data), load_config(cfg.model).eos_token_id
-    if eos is None:
-        raise ValueError(f"{cfg.model}/config.json has no eos_token_id to end documents with")
     eos = eos[0] if isinstance(eos, list) else eos
     with open(os.path.join(cfg.model, "tokenizer.json"), "rb") as f:
         vocab = hashlib.sha1(f.read()).hexdigest()
     key = [[p, os.path.getsize(p), os.path.getmtime(p)] for p in files] + [cfg.held_out, cfg.text_field, eos, vocab]
-    folder = os.path.join(cache or CACHE, "tokens", hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16])
+    folder = os.path.join(CACHE, "tokens", hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16])
     os.makedirs(folder, exist_ok=True)
     with open(f"{folder}/lock", "w") as lock:  # one process tokenises, the others wait
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -106,6 +103,11 @@ def load_splits(cfg, cache: str | None = None) -> list:
         else:
             dtype = tokenize(files, folder, load_tokenizer(cfg.model), eos, cfg.held_out, cfg.text_field)
     return [np.memmap(f"{folder}/{s}.bin", dtype, "r") for s in SIDES]
+
+
+@functools.lru_cache(maxsize=1)  # the epoch being drawn
+def order(n: int, seed: int, epoch: int) -> list:  # a permutation of n windows per (seed, epoch)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
 class Windows:
@@ -118,17 +120,12 @@ class Windows:
         if self.n < 1:
             raise ValueError(f"{len(tokens)} tokens do not fill a window of {seq_len + offset}: lower --seq-len")
 
-        @functools.lru_cache(maxsize=1)  # the epoch being drawn
-        def order(seed: int, epoch: int) -> list:  # a permutation of the windows per (seed, epoch)
-            return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-        self.order = order
-
-    def batch(self, indices, device="cpu", offsets=None):
-        """(inputs, labels) [B, seq_len]; with offsets, the labels of each offset."""
+    def batch(self, indices, device="cpu"):
+        """(inputs, labels) [B, seq_len]."""
         L = self.seq_len
-        w = torch.from_numpy(np.stack([self.tokens[i * L:(i + 1) * L + self.offset] for i in indices]).astype(np.int64))
-        w = (w.pin_memory() if torch.device(device).type == "cuda" else w).to(device, non_blocking=True)
-        return w[:, :L], (w[:, self.offset:] if offsets is None else [w[:, k:k + L] for k in offsets])
+        w = np.stack([self.tokens[i * L:(i + 1) * L + self.offset] for i in indices]).astype(np.int64)
+        w = torch.from_numpy(w).to(device)
+        return w[:, :L], w[:, self.offset:]
 
     def draw(self, cfg, step: int, micro: int, rank: int = 0, world: int = 1):
         """(window indices, depth) of a micro-batch, a function of (seed, step, micro, rank) alone: a resumed run
@@ -136,7 +133,7 @@ class Windows:
         first = (step * cfg.grad_accum + micro) * cfg.batch_size * world + rank * cfg.batch_size
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
         depth = cfg.depths[torch.randint(len(cfg.depths), (), generator=g).item()]
-        return [self.order(cfg.seed, i // self.n)[i % self.n] for i in range(first, first + cfg.batch_size)], depth
+        return [order(self.n, cfg.seed, i // self.n)[i % self.n] for i in range(first, first + cfg.batch_size)], depth
 
     def spread(self, count: int) -> list:
         """`count` fixed windows spread over the stream: an evaluation set."""
@@ -144,7 +141,7 @@ class Windows:
 
 
 def main(argv=None):
-    from train import parse  # train.py declares --model, --data, --held-out and --text-field
+    from train import parse  # train.py's flags
     for side, tokens in zip(SIDES, load_splits(parse(argv, __doc__)[0])):
         print(f"{side:<9}{len(tokens):>14,} tokens  {tokens.filename}")
 

@@ -1,6 +1,6 @@
 """Evaluate trained runs against the full model, the pruned baseline and each other, with intervals.
 
-    python eval.py --run runs/controller-causal-s0
+    python eval.py --run runs/controller-s0
     python eval.py --run runs/compare/*-s[0-9] --against static,pruned --out results/compare
 
 On the same fixed windows of each split (the training distribution, held-out documents) it scores every
@@ -16,7 +16,6 @@ only itself.
     loss reduction % = (pruned - x) / pruned        gap recovered % = (pruned - x) / (pruned - full)
 """
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -34,7 +33,7 @@ TABLE = ("model", "data", "text_field", "held_out", "seq_len", "prelude", "recur
 
 
 def load_run(run: str, dtype=torch.float32, device="cpu"):
-    """(model, settings) of a trained run: the pruned base with the run's controller, gate and step norms."""
+    """(model, settings) of a trained run: the pruned base with what the run trained."""
     cfg = read_config(run)
     model = load_ouroboros(cfg.model, cfg, dtype, device)
     load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
@@ -43,10 +42,12 @@ def load_run(run: str, dtype=torch.float32, device="cpu"):
 
 def name(cfg) -> str:
     """A run's variant, the name its seeds share: controller-causal, static, gate+norm, ... (-nogate: no gate;
-    -r8: rank 8 instead of 32; -t+2: trained on token t+2)."""
+    -r8: rank 8 instead of 32; -s256: the controller's width 256, not 128; +coda_lora-r8: --adapters
+    extras.coda_lora:r8; -t+2: trained on token t+2)."""
     text = {"controller": f"controller-{cfg.pool}", "none": "gate+norm" if cfg.gate else "norm-only"}.get(
         cfg.variant, cfg.variant) + ("" if cfg.gate or cfg.variant == "none" else "-nogate")
-    text += "" if cfg.rank == 32 else f"-r{cfg.rank}"
+    text += ("" if cfg.rank == 32 else f"-r{cfg.rank}") + ("" if cfg.style == 128 else f"-s{cfg.style}")
+    text += f"+{cfg.adapters.rsplit('.', 1)[-1].replace(':', '-')}" if cfg.adapters else ""
     return text + ("" if cfg.label_offset == 1 else f"-t+{cfg.label_offset}")
 
 
@@ -64,7 +65,9 @@ def scores(fn, cfg, windows: int, offsets, reach: int, device, autocast) -> dict
         data = Windows(tokens, cfg.seq_len, reach)
         picked, parts = data.spread(windows), []
         for i in range(0, len(picked), cfg.batch_size):
-            x, ys = data.batch(picked[i:i + cfg.batch_size], device, offsets)
+            x, y = data.batch(picked[i:i + cfg.batch_size], device)
+            w = torch.cat([x, y[:, -reach:]], 1)  # the whole window: the labels of each offset
+            ys = [w[:, k:k + x.shape[1]] for k in offsets]
             with torch.no_grad(), autocast:
                 parts.append(fn(x, ys).float().cpu())
         got[s] = torch.cat(parts, -1)
@@ -101,9 +104,10 @@ def evaluate(runs, depths, windows, device="auto", precision="auto", out=None) -
     def references():
         full = load_model(first.model, dtype, where)
         f = score(lambda x, ys: per_window(lambda b, y: full(x[b:b + 1], labels=y), len(x), ys), offsets)
-        del full  # freed before the pruned model is loaded
-        model = load_ouroboros(first.model, dataclasses.replace(first, variant="none"), dtype, where)  # no SVD
-        p = score(lambda x, ys: per_window(lambda b, y: model.pruned(x[b:b + 1], labels=y), len(x), ys), offsets)
+        pre, r, post, _ = first.split(full.config.num_hidden_layers)
+        del full  # freed before the pruned model is loaded: the kept layers, nothing trained
+        model = load_model(first.model, dtype, where, pre + [r] + post)
+        p = score(lambda x, ys: per_window(lambda b, y: model(x[b:b + 1], labels=y), len(x), ys), offsets)
         return {s: {f"t+{o}": {"full": f[s][j].tolist(), "pruned": p[s][j].tolist()} for j, o in enumerate(offsets)}
                 for s in SPLITS}
 

@@ -2,8 +2,8 @@
 
     python generate.py --prompt "The os module"                    # the full SmolLM2-135M (offline default)
     python generate.py --model DIR --prompt "..."                  # any HF Qwen2 / Llama folder
-    python generate.py --run runs/controller-causal-s0 --prompt "..." --depth 8
-    python generate.py --run runs/controller-causal-s0 --pruned --prompt "..."
+    python generate.py --run runs/controller-s0 --prompt "..." --depth 8
+    python generate.py --run runs/controller-s0 --pruned --prompt "..."
 
 Decoding is cached, as in gpt-fast: the prompt in one pass into the KV cache (prefill), then one token at a
 time, each step attending over the cache, with the logits of the plain forward (tests/test_decode.py).
@@ -81,6 +81,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the token ids and timings as JSON")
     a = p.parse_args(argv)
     bad = [(a.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+           (a.pruned and not a.run, "--pruned needs --run"),
            (not a.temperature >= 0 or a.top_k < 0, "--temperature and --top-k must not be negative"),
            (not 0 < a.top_p <= 1, "--top-p must lie in (0, 1]")]
     if found := [what for wrong, what in bad if wrong]:
@@ -95,18 +96,21 @@ def main(argv=None):
     new = min(a.max_new_tokens, config.max_position_embeddings - prompt.shape[1])
     if not 0 < prompt.shape[1] < config.max_position_embeddings:
         raise ValueError(f"--prompt is {prompt.shape[1]} tokens: give some, fewer than the model's context")
-    if a.run is None:
-        model = load_model(folder, dtype, device, config=config)
+    if a.run is None or a.pruned:  # a plain decoder
+        layers = None
+        if a.pruned:  # the pruned baseline: the run's kept layers, the recurrent one once, nothing trained
+            pre, r, post, _ = read_config(a.run).split(config.num_hidden_layers)
+            layers = pre + [r] + post
+        model = load_model(folder, dtype, device, layers, config)
         model.setup_caches(1, prompt.shape[1] + new)
         forward = lambda ids, pos: model(ids, pos=pos)
     else:
         model, cfg = load_run(a.run, dtype, device)
-        if not model.controller.causal and not a.no_cache and not a.pruned:
+        if not model.controller.causal and not a.no_cache:
             raise ValueError(f"{a.run}'s controller sees the future (--pool mean): it cannot decode through a cache; "
                              "use --no-cache")
-        model.setup_caches(1, prompt.shape[1] + new, 1 if a.pruned else a.depth)
-        forward = (lambda ids, pos: model.pruned(ids, pos=pos)) if a.pruned else (
-            lambda ids, pos: model(ids, a.depth, pos=pos))
+        model.setup_caches(1, prompt.shape[1] + new, a.depth)
+        forward = lambda ids, pos: model(ids, a.depth, pos=pos)
     gen = torch.Generator(device).manual_seed(a.seed)
     pick = lambda logits: pick_token(logits, a.temperature, a.top_k, a.top_p, gen)
     eos = {config.eos_token_id} if isinstance(config.eos_token_id, int) else set(config.eos_token_id or ())

@@ -80,5 +80,5 @@ def load_ouroboros(path: str, oc: OuroborosConfig, dtype=torch.float32, device="
 def load_tokenizer(path: str):
     from tokenizers import Tokenizer
     if not os.path.isfile(file := os.path.join(path, "tokenizer.json")):
-        raise FileNotFoundError(f"{file} not found: the model folder needs its tokenizer.json")
+        raise FileNotFoundError(f"{file} not found")
     return Tokenizer.from_file(file)

@@ -1,6 +1,6 @@
-"""Part 1: a Qwen2 / Llama decoder by hand, computing what transformers' Qwen2ForCausalLM and LlamaForCausalLM do.
-Part 2: Ouroboros (arXiv 2604.02051), which loops one of its layers under a controller, between prelude and coda.
-`pos`, the positions of the tokens given, is None in the plain forward (0..T-1), a tensor when decoding."""
+"""Part 1: a Qwen2 / Llama decoder by hand, as transformers computes it. Part 2: Ouroboros (arXiv 2604.02051), which
+loops one of its layers. `pos`, the positions of the tokens given, is None (0..T-1) except when decoding."""
+import importlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -28,8 +28,8 @@ class Qwen2Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 32768
-    attention_bias: bool = True  # q/k/v biases: True for qwen2, False for llama
-    o_proj_bias: bool = False  # llama's attention_bias also biases o_proj; qwen2's never does
+    attention_bias: bool = True  # q/k/v biases (qwen2)
+    o_proj_bias: bool = False  # llama's attention_bias biases o_proj too, qwen2's never
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self):
@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # in fp32 (bf16 squares lose too much), cast back, then scale, as HF does
+    def forward(self, x):  # in fp32, cast back, then scale, as HF does
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -61,7 +61,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """One attention's K/V at every position, preallocated (gpt-fast) so that a compiled step can be a CUDA graph."""
+    """One attention's K/V, preallocated (gpt-fast): a compiled step can be a CUDA graph."""
 
     def __init__(self, batch: int, cfg: Qwen2Config, max_len: int, dtype, device):
         super().__init__()
@@ -73,8 +73,7 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         mask = pos[:, None] >= torch.arange(self.k.shape[2], device=pos.device)  # static shapes: the whole cache
-        off = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext()
-        with off:  # a CPU's cache is fp32: attend in fp32
+        with torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext():
             y = F.scaled_dot_product_attention(q.to(self.k.dtype), self.k, self.v, attn_mask=mask,
                                                enable_gqa=q.shape[1] != self.k.shape[1])
         return y.to(q.dtype)
@@ -172,22 +171,24 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return self.lm_head(x) if labels is None else lm_loss(x, self.lm_head.weight, labels)
 
-    def setup_caches(self, batch: int, max_len: int):
+    def setup_caches(self, batch: int, max_len: int):  # -> a maker of one more cache
         w = self.embed_tokens.weight  # K/V in the weights' dtype; fp32 on a CPU, where bf16 attention is slow
         dtype = torch.float32 if w.device.type == "cpu" else w.dtype
+        cache = lambda: KVCache(batch, self.config, max_len, dtype, w.device)
         for layer in self.layers.values():
-            layer.self_attn.kv_cache = KVCache(batch, self.config, max_len, dtype, w.device)
+            layer.self_attn.kv_cache = cache()
+        return cache
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
-    """Mean cross-entropy of h @ W^T against labels, a chunk of tokens at a time: the [tokens, vocab] logits are never
-    held. W is frozen, so h's gradient, (softmax - onehot) W / n, is computed chunk by chunk in the forward pass."""
+    """Mean cross-entropy of h @ W^T, a chunk of tokens at a time: the [tokens, vocab] logits are never held. W is
+    frozen, so h's gradient, (softmax - onehot) W / n, is computed in the forward pass."""
 
     @staticmethod
     def forward(ctx, h, weight, labels, chunk):
         h2, y = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
         grad = torch.empty_like(h2) if ctx.needs_input_grad[0] else None
-        total = h2.new_zeros((), dtype=torch.float32)
+        total = 0.0
         for i in range(0, len(y), chunk):
             logits, yc = (h2[i:i + chunk] @ weight.t()).float(), y[i:i + chunk]
             top = logits.amax(-1, keepdim=True)
@@ -210,7 +211,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
 def lm_loss(h, weight, labels, chunk: int = 1024):
     """The loss of final hidden states h [B, T, d]: labels are NOT shifted again here."""
     if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("lm_loss computes no gradient for the head: use F.cross_entropy on the logits")
+        raise ValueError("lm_loss gives the head no gradient: use F.cross_entropy on the logits")
     return _ChunkedLMLoss.apply(h, weight, labels, chunk)
 
 
@@ -224,23 +225,24 @@ class OuroborosConfig:
     rank: int = 32  # r, the rank of the SVD bases A, B
     alpha: float = 16.0  # the low-rank term's scale is alpha / r
     variant: str = "controller"  # what emits the diagonals: a key of controller.VARIANTS
-    gate: bool = True  # mix each step into the state through the gate (False: h = h_new)
+    gate: bool = True  # h = g h_new + (1 - g) h_old (False: h = h_new)
     pool: Literal["causal", "mean"] = "causal"  # the controller reads the prefix mean, or the paper's whole mean
     style: int = 128  # the controller's width s
     max_depth: int = 64  # the most recurrent steps (a step embedding and a step-norm row each)
+    adapters: str = ""  # "module:function" adding trainable modules, e.g. extras/coda_lora.py
 
     def split(self, n_layers: int):
         """(prelude, recurrent, coda, removed) layer indices for a model of n_layers."""
         P, R, C = self.prelude, self.recurrent, self.coda
         if not (0 <= P <= R < n_layers - C and C >= 0) or P + C + 1 == n_layers:
-            raise ValueError(f"--prelude {P} --recurrent {R} --coda {C} does not fit {n_layers} layers (recurrent "
-                             f"between them, a layer removed)")
+            raise ValueError(f"--prelude {P} --recurrent {R} --coda {C} does not fit {n_layers} layers")
         return list(range(P)), R, list(range(n_layers - C, n_layers)), [i for i in range(P, n_layers - C) if i != R]
 
 
 class Ouroboros(nn.Module):
     """embed -> prelude -> [controller -> modulated recurrent layer -> step norm -> gate] x depth -> coda -> head.
-    Only the controller, the gate and the step norms train (in fp32); with a bf16 base, run under autocast."""
+    Only the controller, the gate and the step norms train (in fp32); with a bf16 base, run under autocast. The pruned
+    baseline (the recurrent layer once, bare) is the decoder of the kept layers alone."""
 
     def __init__(self, base: Transformer, oc: OuroborosConfig, bases: dict):
         super().__init__()
@@ -256,8 +258,11 @@ class Ouroboros(nn.Module):
             self.controller = VARIANTS[oc.variant](d, oc)
             self.step_norm = StepNorm(d, oc.max_depth)
             self.gate = Gate(d) if oc.gate else None
+            if oc.adapters:  # built last: a seed still gives the same controller
+                module, function = oc.adapters.split(":")
+                getattr(importlib.import_module(module), function)(self)
         self.checkpoint_steps = False  # recompute each step in backward: memory flat in depth
-        self.step_caches = None  # decoding (setup_caches); sums, a buffer that a CUDA graph can update
+        self.step_caches = None  # decoding (setup_caches); sums: a buffer, for CUDA graphs
         self.register_buffer("sums", None, persistent=False)
 
     def step(self, h, k: int, rope, pos=None):
@@ -272,8 +277,8 @@ class Ouroboros(nn.Module):
         return self.gate(h_new, h) if self.gate is not None else h_new  # h = g h_new + (1 - g) h_old
 
     def forward(self, ids, depth: int, labels=None, pos=None, every: bool = False):
-        """Logits [B, T, V] after `depth` steps, or with labels the mean loss; every: the mean of the losses after each
-        step (so that any step can be the last: extras/exits.py)."""
+        """Logits [B, T, V] after `depth` steps, or with labels the mean loss (every: over each step's readout, so that
+        any step can be the last: extras/exits.py)."""
         states = self.readout(ids, range(1, depth + 1) if every else [depth], pos)
         if labels is None:
             return self.base.head(states[depth])
@@ -282,7 +287,7 @@ class Ouroboros(nn.Module):
     def readout(self, ids, depths, pos=None) -> dict:
         """{depth: the coda's output after that many steps} for each of depths, from one run of the loop."""
         if bad := [d for d in depths if not 1 <= d <= self.config.max_depth]:
-            raise ValueError(f"depth {bad[0]} must be in 1..{self.config.max_depth} (max_depth)")
+            raise ValueError(f"depth {bad[0]} must be in 1..{self.config.max_depth}")
         saving = self.checkpoint_steps and torch.is_grad_enabled()
         run = lambda save, fn, *args: checkpoint(fn, *args, use_reentrant=False) if save else fn(*args)
         x, rope = self.base.embed(ids, pos)
@@ -293,16 +298,8 @@ class Ouroboros(nn.Module):
                 out[k + 1] = run(saving and len(depths) > 1, through, self.coda, x, rope, pos)
         return out
 
-    def pruned(self, ids, labels=None, pos=None):
-        """The baseline: prelude -> the recurrent layer once, bare -> coda (decoded as depth 1)."""
-        x, rope = self.base.embed(ids, pos)
-        if pos is not None:
-            self.recurrent.self_attn.kv_cache = self.step_caches[0]
-        x = self.recurrent(through(self.prelude, x, rope, pos), rope, pos)
-        return self.base.head(through(self.coda, x, rope, pos), labels)
-
     def trainable(self) -> dict:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}  # controller, gate, step norms
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def optimizer(self, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
         """AdamW over what trains, decaying matrices only (not biases, nor the step norms)."""
@@ -313,8 +310,7 @@ class Ouroboros(nn.Module):
 
     def setup_caches(self, batch: int, max_len: int, depth: int):
         """The decoding state: a KVCache per layer and per step, and the controller's running sums."""
-        self.base.setup_caches(batch, max_len)
-        k, cfg = self.recurrent.self_attn.kv_cache.k, self.base.config
-        self.step_caches = nn.ModuleList(KVCache(batch, cfg, max_len, k.dtype, k.device) for _ in range(depth))
+        cache = self.base.setup_caches(batch, max_len)
+        self.step_caches = nn.ModuleList(cache() for _ in range(depth))
         self.recurrent.self_attn.kv_cache = None  # freed: each step has its own
-        self.sums = torch.zeros(depth, batch, 1, cfg.hidden_size, device=k.device)
+        self.sums = torch.zeros(depth, batch, 1, self.base.config.hidden_size, device=self.base.lm_head.weight.device)

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node 8 train.py   # DistributedDataParallel
 """
 import argparse, dataclasses, inspect, json, math, os, re, signal, sys, time
-from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Literal, get_args
 
@@ -27,7 +26,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 class TrainConfig(OuroborosConfig):  # every setting, once: a flag each, the comment its help
     model: str = DEFAULT_MODEL  # an HF-format Qwen2 / Llama folder
     data: list[str] = dataclasses.field(default_factory=list)  # files, folders, globs (default: Python's docs)
-    text_field: str = "text"  # the .jsonl field or parquet column of the text
+    text_field: str = "text"  # the text's .jsonl field or parquet column
     held_out: float = 0.05  # the fraction of documents held out
     seq_len: int = 256  # tokens per window
     depths: list[int] = dataclasses.field(default_factory=lambda: [4, 8])  # one drawn per batch
@@ -42,14 +41,14 @@ class TrainConfig(OuroborosConfig):  # every setting, once: a flag each, the com
     beta2: float = 0.95  # AdamW's beta2
     clip: float = 1.0  # the gradient-norm clip
     seed: int = 0  # the data order, the depths and the initialisation
-    # From here on, how a run runs, not what it learns: --resume may change these.
+    # From here on, how a run runs: --resume may change these.
     steps: int = 80  # optimiser steps
     out: str = ""  # the run folder (default: runs/<variant>-s<seed>)
     log_interval: int = 5  # steps between log lines
     eval_interval: int = 20  # steps between held-out losses
     eval_windows: int = 16  # held-out windows in that loss
     save_interval: int = 20  # steps between checkpoints (also at the end and on a signal)
-    device: str = "auto"  # auto (cuda:LOCAL_RANK, mps, cpu) or a torch device
+    device: str = "auto"  # auto (cuda:LOCAL_RANK, else cpu) or a torch device
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a bf16 base under autocast (auto: on GPUs)
     tf32: bool = False  # fp32 matmuls on CUDA in TF32
     compile: bool = False  # torch.compile the recurrent step
@@ -65,27 +64,27 @@ def parse(argv=None, description=__doc__):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # only the flags given
     source = inspect.getsource(OuroborosConfig) + inspect.getsource(TrainConfig)
-    helps = dict(re.findall(r"^ +(\w+): .*?# (.*)$", source, re.M))
+    helps, flag = dict(re.findall(r"^ +(\w+): .*?# (.*)$", source, re.M)), lambda k: "--" + k.replace("_", "-")
     for key, kind in SETTINGS.items():
-        flag, default, help = "--" + key.replace("_", "-"), getattr(TrainConfig(), key), helps[key]
+        default, help = getattr(TrainConfig(), key), helps[key]
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+            p.add_argument(flag(key), action=argparse.BooleanOptionalAction, help=help)
         elif key == "data":
-            p.add_argument(flag, nargs="*", help=help)
+            p.add_argument(flag(key), nargs="*", help=help)
         elif key == "depths":
-            p.add_argument(flag, type=lambda s: [int(d) for d in s.split(",")], help=f"{help} (default: 4,8)")
+            p.add_argument(flag(key), type=lambda s: [int(d) for d in s.split(",")], help=f"{help} (default: 4,8)")
         else:
-            choices = list(VARIANTS) if key == "variant" else get_args(kind) or None  # or a Literal's
-            p.add_argument(flag, type=type(default), choices=choices, help=f"{help} (default {default})")
+            choices = list(VARIANTS) if key == "variant" else get_args(kind) or None
+            p.add_argument(flag(key), type=type(default), choices=choices, help=f"{help} (default {default})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     given = vars(p.parse_args(argv))
     resume = given.pop("resume", False)
-    given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}  # usable from anywhere
+    given |= {k: os.path.abspath(given[k]) for k in ("model", "out") if k in given}
     given |= {"data": list(map(os.path.abspath, given["data"]))} if "data" in given else {}
     cfg = TrainConfig(**given)
     cfg.out = cfg.out or os.path.join(ROOT, "runs", f"{cfg.variant}-s{cfg.seed}")
     if resume:
-        stored, flag = read_config(cfg.out), lambda k: "--" + k.replace("_", "-")
+        stored = read_config(cfg.out)
         if changed := [f"{flag(k)} {getattr(stored, k)}" for k, v in given.items()
                        if k not in FREE and v != getattr(stored, k)]:
             raise ValueError(f"--resume: {cfg.out} was trained with {', '.join(changed)}; only more --steps and "
@@ -96,7 +95,7 @@ def parse(argv=None, description=__doc__):
            (not 0 < cfg.held_out < 1, "--held-out must lie between 0 and 1"),
            (min(cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.rank, cfg.style, cfg.label_offset,
                 cfg.log_interval, cfg.eval_interval, cfg.eval_windows, cfg.save_interval) < 1,
-            "counts and intervals (--seq-len, --steps, --rank, ...) must be at least 1"),
+            "counts and intervals (--steps, --rank, ...) must be at least 1"),
            (not 0 <= cfg.warmup < cfg.steps, f"--warmup {cfg.warmup} must be below --steps {cfg.steps}"),
            (not (cfg.lr > 0 and cfg.clip > 0), "--lr and --clip must be positive")]
     if found := [what for wrong, what in bad if wrong]:
@@ -112,7 +111,7 @@ def read_config(run: str) -> TrainConfig:  # a setting added since the run takes
 def placement(device: str, precision: str):
     """(device, the base's dtype, autocast); what trains stays fp32."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.mps.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.device(device)
     if where.type == "cuda" and where.index is None:  # this process's GPU
         where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -121,7 +120,7 @@ def placement(device: str, precision: str):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr, in optimiser steps."""
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
@@ -131,17 +130,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     """Processes, device, data, model, optimiser, and the checkpoint to resume."""
     s = SimpleNamespace(rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
-    if resume and (was := json.load(open(f"{cfg.out}/config.json")).get("world_size", 1)) != s.world:
-        raise ValueError(f"--resume: {cfg.out} was trained at world size {was}, not {s.world}")
     s.device, dtype, s.autocast = placement(cfg.device, cfg.precision)
     if s.device.type == "cuda":
         torch.cuda.set_device(s.device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     config = load_config(cfg.model)
     cfg.split(config.num_hidden_layers)
     if cfg.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's context ({config.max_position_embeddings})")
-    # The data first: a wrong --data fails in seconds, and no collective waits on the tokenising.
+    # The data first: a wrong --data fails fast, and no collective waits on the tokenising.
     s.train, s.held = (Windows(t, cfg.seq_len, cfg.label_offset) for t in load_splits(cfg))
     if s.world > 1:
         dist.init_process_group("nccl" if s.device.type == "cuda" else "gloo")
@@ -154,20 +151,14 @@ def setup(cfg: TrainConfig, resume: bool) -> SimpleNamespace:
     s.net = s.model if s.world == 1 else DDP(s.model, device_ids=None if s.device.type == "cpu" else [s.device.index])
     s.log = print if s.rank == 0 else lambda *a, **k: None
     s.start = load_checkpoint(f"{cfg.out}/checkpoint.safetensors", s.model, s.opt) if resume else 0
-    if s.start >= cfg.steps:
-        raise ValueError(f"--resume: {cfg.out} holds step {s.start} already; give --steps above it")
     s.log(f"device {s.device}, {s.train.n:,} training / {s.held.n:,} held-out windows of {cfg.seq_len} tokens, "
           f"{sum(p.numel() for p in s.params.values()):,} trainable parameters" + f"; from step {s.start}" * resume)
     if s.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        saved = dataclasses.asdict(cfg) | {"world_size": s.world}  # who drew the batches
-        write_atomic(f"{cfg.out}/config.json", json.dumps(saved, indent=1).encode())
-    s.caught = []  # SIGTERM (preemption) or SIGINT: the step finishes, saves and exits
-
-    def note(signum, frame):
-        s.caught.append(signum)
-        signal.signal(signum, handlers[signum])  # a second one acts at once
-    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+        write_atomic(f"{cfg.out}/config.json", json.dumps(dataclasses.asdict(cfg), indent=1).encode())
+    s.caught = []  # SIGTERM or SIGINT: the step finishes, saves and exits
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: s.caught.append(signum))
     return s
 
 
@@ -179,21 +170,20 @@ def train(cfg: TrainConfig, resume: bool = False):
         done, lr = step + 1, lr_at(step, cfg)
         for group in s.opt.param_groups:
             group["lr"] = lr
-        loss = torch.zeros((), device=s.device)
+        loss = 0.0
         for micro in range(cfg.grad_accum):
             idx, depth = s.train.draw(cfg, step, micro, s.rank, s.world)
             x, y = s.train.batch(idx, s.device)
-            sync = s.net is s.model or micro == cfg.grad_accum - 1  # DDP: all-reduce once per step
-            with s.autocast, (nullcontext() if sync else s.net.no_sync()):
+            with s.autocast:  # DDP syncs every micro-step: few parameters train
                 micro_loss = s.net(x, depth=depth, labels=y, every=cfg.readout == "every")
                 (micro_loss / cfg.grad_accum).backward()
             loss += micro_loss.detach()  # no .item(): no sync per micro-step
         norm = torch.nn.utils.clip_grad_norm_(s.params.values(), cfg.clip)
-        flags = torch.stack([(~torch.isfinite(loss + norm)).float(), torch.tensor(len(s.caught) + 0.0, device=s.device)])
-        if s.world > 1:  # the same verdicts in every process: skip the update? stop?
+        flags = torch.stack([(~(loss + norm).isfinite()).float(), torch.tensor(len(s.caught) + 0.0, device=s.device)])
+        if s.world > 1:  # every process skips? stops?
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         skip, stop = (f > 0 for f in flags.tolist())
-        if skip:  # the weights and AdamW's moments stay as they were; three in a row end the run
+        if skip:  # nothing is updated; three in a row end the run
             s.log(f"step {done:5d}/{cfg.steps}  update skipped: a non-finite loss or gradient norm")
             if (bad := bad + 1) == 3:
                 raise ValueError(f"steps {done - 2}..{done} were all non-finite: the run diverged; lower --lr")
@@ -217,7 +207,7 @@ def train(cfg: TrainConfig, resume: bool = False):
             save_checkpoint(f"{cfg.out}/checkpoint.safetensors", s.model, s.opt, done)
         if stop:
             break
-    if s.world > 1:  # leave together: a process torn down while rank 0 saves can abort it
+    if s.world > 1:  # leave together: a teardown during rank 0's save can abort it
         dist.barrier()
         dist.destroy_process_group()
     if stop or s.caught:  # a signal to any process, or one during the last save
@@ -256,7 +246,7 @@ def load_checkpoint(path: str, model: Ouroboros, opt=None) -> int:  # -> the ste
     return step
 
 
-def cli(main, argv=None):  # the mistakes raised (ValueError, OSError) end in one `error:` line
+def cli(main, argv=None):  # a mistake (ValueError, OSError) ends in one `error:` line
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except (ValueError, OSError) as e:
@@ -268,14 +258,14 @@ def main(argv=None):
     ckpt, own = f"{cfg.out}/checkpoint.safetensors", f"{cfg.out}/config.json"
     ours = os.path.isfile(own) and '"depths"' in open(own).read()  # a run of train.py's
     if os.path.exists(cfg.out) and not ours and (os.path.isfile(cfg.out) or os.listdir(cfg.out)):
-        raise ValueError(f"--out {cfg.out} is not a run of train.py, nor a new or empty folder: name another")
+        raise ValueError(f"--out {cfg.out} is not a run of train.py, nor a new or empty folder")
     if os.path.exists(ckpt) != resume:
         raise ValueError(f"--resume: {cfg.out} holds no checkpoint" if resume else
                          f"{ckpt} exists: pass --resume to continue that run, or another --out")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         train(cfg, resume)
-    finally:  # setup installs its own: the process's come back
+    finally:  # the process's own, again
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 

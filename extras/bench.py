@@ -16,6 +16,7 @@ Rows
  7-8, 10-15. decoding: extras/bench_decode.py
  9. eval.py's per-window losses at depths 1, 4, 8, 16: one pass (the loop once, the coda reading out
     each depth) vs a forward per depth (8 windows of 256 tokens)
+16. a training step with coda adapters (extras/coda_lora.py, r_c = 8 and 32) vs the controller alone
 """
 import argparse
 import dataclasses
@@ -328,6 +329,20 @@ def row_readout(device, dtype, reps, depths=(1, 4, 8, 16), batch=8, T=256):
             t_each / t_one, f"max|dloss| {delta:.1e}")
 
 
+def row_coda(device, dtype, reps):
+    B, T, depth = (2, 256, 4) if device.type == "cpu" else (2, 2048, 8)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    ids, labels = (torch.randint(0, SMOLLM2["vocab_size"], (B, T), device=device) for _ in range(2))
+    models = [random_ouroboros(SMOLLM2, dtype, device, adapters=a)
+              for a in ("", "extras.coda_lora:r8", "extras.coda_lora:r32")]
+    alone, r8, r32 = timed([train_step(m, ids, labels, depth, autocast, "causal") for m in models], device, reps)
+    n = [f"{sum(p.numel() for p in m.trainable().values()):,}" for m in models]
+    return (f"16. train step with coda adapters, SmolLM2 shape, {B}x{T}, depth {depth}, {dtype_name(dtype)}",
+            f"{B * T / r8:,.0f} tok/s r_c = 8", f"{B * T / alone:,.0f} tok/s the controller alone", alone / r8,
+            f"r_c = 32: {B * T / r32:,.0f} tok/s, {alone / r32:.2f}x; trainable {n[1]} (r_c = 8), {n[2]} (32), "
+            f"{n[0]} (alone)")
+
+
 def dtype_name(dtype):
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
@@ -365,6 +380,7 @@ def main():
     if not gpu:
         skipped.append("bf16 rows and MFU against the H100 peak: no CUDA GPU here")
     rows.append(row_readout(gpu or cpu, torch.bfloat16 if gpu else torch.float32, reps))
+    rows.append(row_coda(gpu or cpu, torch.bfloat16 if gpu else torch.float32, reps))
 
     print("\n| benchmark | ours | reference | ratio (ours faster if > 1) | notes |\n|---|---|---|---|---|")
     for name, ours, ref, ratio, note in rows:

@@ -11,6 +11,9 @@
 #   bash extras/compare.sh exits    # every step decodable, two ways, seed 0, and their exit heads -> results/exits
 #   bash extras/compare.sh qwen     # controller and static on Qwen2.5-Coder-0.5B, seeds 0, 1 -> results/qwen
 #                                   # (bash setup.sh --qwen first)
+#   bash extras/compare.sh coda     # coda adapters (extras/coda_lora.py) against the controller alone and wider
+#                                   # controllers of as many parameters, seeds 0, 1, 2 -> results/coda
+#   bash extras/compare.sh coda-qwen  # the same on Qwen2.5-Coder-0.5B, seeds 0, 1 -> results/coda-qwen
 #
 # The tables are rewritten after every run, so results/ holds whatever has finished.
 set -euo pipefail
@@ -30,6 +33,8 @@ flags() {  # the train.py flags of a variant
         controller-causal-t+2) echo --variant controller --label-offset 2 ;;
         every-uniform) echo --variant controller --depths 1,2,3,4,5,6,7,8 ;;  # a depth drawn per batch
         every-readout) echo --variant controller --depths 8 --readout every ;;  # the mean over all 8 readouts
+        controller-causal+coda_lora-*) echo --variant controller --adapters "extras.coda_lora:${1#*coda_lora-}" ;;
+        controller-causal-s*) echo --variant controller --style "${1#controller-causal-s}" ;;  # a wider controller
     esac
 }
 
@@ -70,6 +75,37 @@ if [ "${1:-}" = qwen ]; then  # the paper's family: 5 + [12] + 5 of Qwen2.5's 24
             run $v $seed
             names+=($v-s$seed)
             table results/qwen static,pruned "${names[@]}"
+        done
+    done
+elif [ "${1:-}" = coda ]; then  # the sweep (seed 0) that chose all seven projections, then the comparison
+    names=()
+    for v in controller-causal controller-causal+coda_lora-r8 controller-causal+coda_lora-r8_attn \
+             controller-causal+coda_lora-r32 controller-causal+coda_lora-r32_attn; do
+        run $v 0
+        names+=($v-s0)
+        table results/coda-sweep controller-causal,pruned "${names[@]}"
+    done
+    # s268 and s520: as many trainable parameters as r_c = 8 and 32 (1.66M and 3.62M against 1.02M); s520 at seed 0
+    # only, for time, after neither wider controller beat the controller alone there
+    names=()
+    for seed in 0 1 2; do
+        for v in controller-causal controller-causal+coda_lora-r8 controller-causal+coda_lora-r32 \
+                 controller-causal-s268 $([ "$seed" = 0 ] && echo controller-causal-s520); do
+            run $v $seed
+            names+=($v-s$seed)
+            table results/coda controller-causal,controller-causal-s268,pruned "${names[@]}"
+        done
+    done
+elif [ "${1:-}" = coda-qwen ]; then  # the best adapters of the sweep above (r_c = 8) against the controller alone
+    RUNS=runs/qwen
+    MODEL=(--model cache/Qwen2.5-Coder-0.5B-Instruct --prelude 5 --recurrent 12 --coda 5)
+    EVAL=(--depths 1,4,8,16 --windows 32)
+    names=()
+    for seed in 0 1; do
+        for v in controller-causal controller-causal+coda_lora-r8; do
+            run $v $seed
+            names+=($v-s$seed)
+            table results/coda-qwen controller-causal,pruned "${names[@]}"
         done
     done
 elif [ "${1:-}" = exits ]; then  # which way of training makes every step decodable, and what an exit wins

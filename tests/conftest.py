@@ -74,7 +74,9 @@ def splits(sources, model, held_out=0.05, text_field="text", cache=None):
     import data
     from train import TrainConfig
     cfg = TrainConfig(model=model, data=list(sources), held_out=held_out, text_field=text_field)
-    return data.load_splits(cfg, cache=cache)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(data, "CACHE", cache or data.CACHE)
+        return data.load_splits(cfg)
 
 
 def randomise_trainable(model, seed=0, scale=0.3):

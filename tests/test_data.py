@@ -100,8 +100,6 @@ def test_windows_with_a_label_offset():
     assert w.n == 9
     x, y = w.batch([3])
     assert x.tolist() == [list(range(30, 40))] and y.tolist() == [list(range(32, 42))]
-    x, (y1, y2) = w.batch([3, 8], offsets=[1, 2])  # the labels of each objective, on the same inputs
-    assert torch.equal(y1[:, :-1], x[:, 1:]) and torch.equal(y2[:, :-2], x[:, 2:]) and y2[1, -1] == 91
 
 
 def test_draw_is_a_function_of_seed_step_and_micro_step():

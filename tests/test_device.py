@@ -46,7 +46,7 @@ def test_no_tensor_is_made_on_the_cpu_in_training_evaluation_and_decoding(varian
             opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             states = model.readout(ids, [1, 3])  # evaluation: one pass reads out every depth
-            losses = [model.base.head(h, ids) for h in states.values()] + [model.pruned(ids, ids)]
+            losses = [model.base.head(h, ids) for h in states.values()] + [model.base(ids, ids)]
             model.setup_caches(2, 10, 3)  # cached decoding: a prompt, then a token at a time
             model(ids, 3, pos=torch.arange(8, device="meta"))
             logits = model(ids[:, :1], 3, pos=torch.tensor([8], device="meta"))

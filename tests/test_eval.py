@@ -65,7 +65,7 @@ def test_eval_losses_are_each_windows_own(setup, table):
         with torch.no_grad():
             full = load_model(setup[0])
             assert max(abs(full(x[i:i + 1], labels=y[i:i + 1]).item() - ref["full"][i]) for i in range(len(x))) < 1e-5
-            pruned = [run0.pruned(x[i:i + 1], labels=y[i:i + 1]).item() for i in range(len(x))]
+            pruned = [run0.base(x[i:i + 1], labels=y[i:i + 1]).item() for i in range(len(x))]  # the kept layers
             assert np.abs(np.array(pruned) - ref["pruned"]).max() < 1e-5
             for depth in (1, 2):
                 got = [run0(x[i:i + 1], depth=depth, labels=y[i:i + 1]).item() for i in range(len(x))]
@@ -173,7 +173,8 @@ def test_label_offset_2_trains_and_is_scored_on_token_t_plus_2_and_t_plus_1(setu
     assert list(result["runs"][0]["held_out"]) == list(result["reference"]["held_out"]) == ["t+1", "t+2"]
     model, corpus, cache = setup
     held = data.Windows(splits([corpus], model, 0.05, cache=cache)[1], 32, 2)
-    x, (y1, y2) = held.batch(held.spread(2), offsets=[1, 2])
+    x, y2 = held.batch(held.spread(2))  # eval.py's windows, and the next-token labels of the same inputs
+    y1 = data.Windows(held.tokens, 32, 1).batch(held.spread(2))[1]
     trained, _ = evaluation.load_run(out)
     with torch.no_grad():
         for name, y in (("t+1", y1), ("t+2", y2)):
@@ -198,7 +199,8 @@ def test_runs_of_both_objectives_in_one_table_are_scored_on_the_same_windows(set
     result = quietly(evaluation.main, ["--run", table[0][0], t2[0], "--depths", "1", "--windows", "2",
                                        "--out", str(tmp_path), *scored()])
     w = data.Windows(cut["train"], 32, 2)  # the references' windows
-    x, y = w.batch(w.spread(2), offsets=[1])
+    x, y = data.Windows(w.tokens, 32, 1).batch(w.spread(2))
+    y = [y]
     run0, _ = evaluation.load_run(table[0][0])
     with torch.no_grad():
         full = load_model(setup[0])

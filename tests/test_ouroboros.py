@@ -1,6 +1,7 @@
 """The recursive model (model.py, Part 2; controller.py): what flows where (causality, the mean pool's leak, the
 batch), what trains (gradients, frozen base, fp32 masters, sizes), where it starts (the bare looped layer), the SVD
 bases, and the loss (chunked, shifted once, read out at every depth in one pass)."""
+import copy
 import typing
 
 import numpy as np
@@ -195,19 +196,21 @@ def test_at_initialisation_the_model_is_the_bare_looped_layer(ckpt):
             h = (1 - g) * h + g * new * torch.rsqrt(new.pow(2).mean(-1, keepdim=True) + 1e-6)
         want = model.base.head(through(model.coda, h, rope))
         assert (model(tokens, depth=3) - want).abs().max() < 1e-5
-        assert (model(tokens, depth=3) - model.pruned(tokens)).abs().max() > 1e-2
+        assert (model(tokens, depth=3) - model(tokens, depth=1)).abs().max() > 1e-2
 
 
-def test_pruned_is_the_kept_layers_run_once(ckpt):
-    path, _ = ckpt
-    model = ouroboros(path, **SPLIT)
-    kept = load_model(path, layers=[0, 1, 3, 5, 6])
+def test_the_pruned_baseline_is_transformers_model_with_the_removed_layers_deleted(ckpt):
+    """eval.py's and generate.py's baseline: the decoder of the kept layers, the recurrent one once and bare."""
+    path, hf = ckpt
+    pre, r, post, removed = OuroborosConfig(**SPLIT).split(7)
+    pruned = load_model(path, layers=pre + [r] + post)
+    cut = copy.deepcopy(hf)
+    cut.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(hf.model.layers) if i not in removed)
+    cut.config.num_hidden_layers = len(cut.model.layers)
     x = ids(2, 16)
     with torch.no_grad():
-        assert torch.allclose(model.pruned(x), kept(x), atol=1e-6)
-        assert (model(x, depth=1) - kept(x)).abs().max() > 1e-3  # step norm + gate change it
-        y = ids(2, 16, seed=1)
-        assert abs(model.pruned(x, labels=y) - F.cross_entropy(kept(x).flatten(0, 1), y.flatten())) < 1e-5
+        assert (pruned(x) - cut(x, use_cache=False).logits).abs().max() < 1e-5
+        assert (ouroboros(path, **SPLIT)(x, depth=1) - pruned(x)).abs().max() > 1e-3  # step norm + gate change it
 
 
 def test_no_gate_depth_one_is_the_normalised_layer(ckpt):
@@ -290,7 +293,7 @@ def test_chunked_loss_is_cross_entropy_and_its_gradient():
     (gg,) = torch.autograd.grad(2 * got, h)  # the incoming gradient is applied
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(gg, 2 * gw, atol=1e-6)
-    with pytest.raises(ValueError, match="no gradient for the head"):  # a trainable head would silently get none
+    with pytest.raises(ValueError, match="gives the head no gradient"):  # a trainable head would silently get none
         lm_loss(h, w.requires_grad_(), y)
 
 

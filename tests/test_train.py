@@ -92,6 +92,22 @@ def assert_same_checkpoint(a, b):
 RUN = ("--steps", "6", "--lr", "1e-2")  # the run every resumed run below must end on
 
 
+def killed_then_resumed(setup, out, monkeypatch, *flags):
+    """Train into `out`, killed during step 3 (its checkpoint holds step 2), then --resume: the resumed log."""
+    def killed_at_step_3(step, cfg):
+        if step == 2:
+            raise KeyboardInterrupt  # as a kill would, with nothing saved
+        return lr_at(step, cfg)
+    monkeypatch.setattr(train, "lr_at", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        main(train_args(setup, out, *flags))
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    assert saved_step(out) == 2
+    with pytest.raises(ValueError, match="exists: pass --resume to continue that run, or another --out"):
+        main(train_args(setup, out, *flags))
+    return main(train_args(setup, out, *flags, "--resume"))
+
+
 @pytest.fixture(scope="module")
 def whole(setup, tmp_path_factory):
     """(folder, log) of a 6-step run (save every 2) never interrupted."""
@@ -125,19 +141,7 @@ def test_resume_after_a_kill_between_saves_is_exact(setup, whole, tmp_path, monk
     """Killed during step 3 (its checkpoint holds step 2): --resume redoes steps 3..6 and ends on exactly the
     tensors, AdamW's moments included, and the logged loss of the run never interrupted."""
     out = str(tmp_path / "run")
-
-    def killed_at_step_3(step, cfg):
-        if step == 2:
-            raise KeyboardInterrupt  # as a kill would, with nothing saved
-        return lr_at(step, cfg)
-    monkeypatch.setattr(train, "lr_at", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(train_args(setup, out, *RUN))
-    monkeypatch.setattr(train, "lr_at", lr_at)
-    assert saved_step(out) == 2
-    with pytest.raises(ValueError, match="exists: pass --resume to continue that run, or another --out"):
-        main(train_args(setup, out, *RUN))
-    log = main(train_args(setup, out, *RUN, "--resume"))
+    log = killed_then_resumed(setup, out, monkeypatch, *RUN)
     assert "; from step 2" in log and "step     2/6" not in log and "step     3/6" in log
     assert logged_losses(log) == logged_losses(whole[1])[2:]
     assert_same_checkpoint(out, whole[0])
@@ -368,18 +372,6 @@ def test_resume_refuses_a_change_to_what_the_run_computes_and_names_it(setup, wh
     assert snapshot(whole[0]) == before
 
 
-def test_resume_refuses_steps_it_has_done(setup, whole):
-    with pytest.raises(ValueError, match=f"--resume: {whole[0]} holds step 6 already; give --steps above it"):
-        main(train_args(setup, whole[0], "--resume", "--steps", "6"))
-
-
-def test_resume_refuses_another_number_of_processes(setup, whole, monkeypatch):
-    """Each process draws its own windows of a step: another world size would train on other batches."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=f"--resume: {whole[0]} was trained at world size 1, not 2"):
-        main(train_args(setup, whole[0], "--resume", "--steps", "7"))
-
-
 def test_resume_accepts_more_steps_and_the_free_settings(setup, whole):
     stored = read_config(whole[0])
     cfg, resume = parse(["--out", whole[0], "--resume", "--steps", "9", "--log-interval", "3", "--eval-interval", "9",
@@ -427,16 +419,7 @@ def test_cuda_trains_fp32_masters_under_bf16_autocast(setup, tmp_path, monkeypat
 def test_cuda_resume_is_bit_exact(setup, tmp_path, monkeypatch):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(train_args(setup, a, *RUN, "--device", "cuda"))
-
-    def killed_at_step_3(step, cfg):
-        if step == 2:
-            raise KeyboardInterrupt
-        return lr_at(step, cfg)
-    monkeypatch.setattr(train, "lr_at", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(train_args(setup, b, *RUN, "--device", "cuda"))
-    monkeypatch.setattr(train, "lr_at", lr_at)
-    main(train_args(setup, b, *RUN, "--device", "cuda", "--resume"))
+    killed_then_resumed(setup, b, monkeypatch, *RUN, "--device", "cuda")
     assert_same_checkpoint(a, b)
 
 
