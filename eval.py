@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data import SIDES as SPLITS, Windows, load_splits
-from load_qwen import load_model, load_ouroboros
+from load_qwen import load_config, load_model, load_ouroboros
 from train import FREE, ROOT, SETTINGS, cli, load_checkpoint, placement, read_config, write_atomic
 
 TITLES = {"train": "training distribution", "held_out": "held-out documents"}
@@ -38,6 +38,13 @@ def load_run(run: str, dtype=torch.float32, device="cpu"):
     model = load_ouroboros(cfg.model, cfg, dtype, device)
     load_checkpoint(os.path.join(run, "checkpoint.safetensors"), model)
     return model.eval(), cfg
+
+
+def load_pruned(cfg, dtype=torch.float32, device="cpu", config=None):
+    """A run's pruned baseline: the decoder of its kept layers, the recurrent one once and bare, nothing trained."""
+    config = config or load_config(cfg.model)
+    pre, r, post, _ = cfg.split(config.num_hidden_layers)
+    return load_model(cfg.model, dtype, device, pre + [r] + post, config)
 
 
 def name(cfg) -> str:
@@ -104,9 +111,8 @@ def evaluate(runs, depths, windows, device="auto", precision="auto", out=None) -
     def references():
         full = load_model(first.model, dtype, where)
         f = score(lambda x, ys: per_window(lambda b, y: full(x[b:b + 1], labels=y), len(x), ys), offsets)
-        pre, r, post, _ = first.split(full.config.num_hidden_layers)
-        del full  # freed before the pruned model is loaded: the kept layers, nothing trained
-        model = load_model(first.model, dtype, where, pre + [r] + post)
+        del full  # freed before the pruned model is loaded
+        model = load_pruned(first, dtype, where)
         p = score(lambda x, ys: per_window(lambda b, y: model(x[b:b + 1], labels=y), len(x), ys), offsets)
         return {s: {f"t+{o}": {"full": f[s][j].tolist(), "pruned": p[s][j].tolist()} for j, o in enumerate(offsets)}
                 for s in SPLITS}

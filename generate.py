@@ -18,7 +18,7 @@ import time
 import torch
 
 from load_qwen import DEFAULT_MODEL, load_config, load_model, load_tokenizer
-from eval import load_run
+from eval import load_pruned, load_run
 from train import cli, placement, read_config
 
 
@@ -96,12 +96,9 @@ def main(argv=None):
     new = min(a.max_new_tokens, config.max_position_embeddings - prompt.shape[1])
     if not 0 < prompt.shape[1] < config.max_position_embeddings:
         raise ValueError(f"--prompt is {prompt.shape[1]} tokens: give some, fewer than the model's context")
-    if a.run is None or a.pruned:  # a plain decoder
-        layers = None
-        if a.pruned:  # the pruned baseline: the run's kept layers, the recurrent one once, nothing trained
-            pre, r, post, _ = read_config(a.run).split(config.num_hidden_layers)
-            layers = pre + [r] + post
-        model = load_model(folder, dtype, device, layers, config)
+    if a.run is None or a.pruned:  # a plain decoder: the whole model, or the run's pruned baseline
+        model = load_pruned(read_config(a.run), dtype, device, config) if a.pruned else load_model(
+            folder, dtype, device, config=config)
         model.setup_caches(1, prompt.shape[1] + new)
         forward = lambda ids, pos: model(ids, pos=pos)
     else:
